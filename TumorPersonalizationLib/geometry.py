@@ -1,0 +1,167 @@
+"""Image geometry: the one place where voxel indices and patient RAS millimetres meet.
+
+Arrays are numpy in (k, j, i) order, as SimpleITK's GetArrayFromImage and Slicer's arrayFromVolume return them.
+SimpleITK and ITK describe physical space in LPS; Slicer shows RAS. ``Geometry`` stores RAS, converts to LPS only when
+talking to SimpleITK, and every index <-> RAS conversion in the project goes through it.
+"""
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import InputError
+
+# diag(-1, -1, 1): flips the first two axes between LPS (ITK) and RAS (Slicer, NIfTI affines).
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Grid geometry of an image.
+
+    shape_kji: array shape in numpy order (k, j, i).
+    spacing_ijk_mm: voxel size along the i, j, k index axes (ITK order).
+    origin_ras_mm: RAS position of the centre of voxel (0, 0, 0).
+    direction_ras: 3x3 matrix whose columns are the unit RAS directions of the i, j, k index axes.
+    """
+
+    shape_kji: Tuple[int, int, int]
+    spacing_ijk_mm: Tuple[float, float, float]
+    origin_ras_mm: Tuple[float, float, float]
+    direction_ras: np.ndarray = field(default_factory=lambda: np.eye(3))
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape_kji", tuple(int(n) for n in self.shape_kji))
+        object.__setattr__(self, "spacing_ijk_mm", tuple(float(s) for s in self.spacing_ijk_mm))
+        object.__setattr__(self, "origin_ras_mm", tuple(float(o) for o in self.origin_ras_mm))
+        direction = np.asarray(self.direction_ras, dtype=np.float64).reshape(3, 3)
+        object.__setattr__(self, "direction_ras", direction)
+        if len(self.shape_kji) != 3 or min(self.shape_kji) < 1:
+            raise InputError(f"a 3-D image is required, got shape {self.shape_kji}")
+        if min(self.spacing_ijk_mm) <= 0 or not np.all(np.isfinite(self.spacing_ijk_mm)):
+            raise InputError(f"voxel spacing must be positive, got {self.spacing_ijk_mm}")
+        if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+            raise InputError("image direction matrix is not orthonormal (sheared images are not supported)")
+
+    # ---- conversions -------------------------------------------------------------------------------------------
+    @property
+    def spacing_kji_mm(self) -> Tuple[float, float, float]:
+        """Spacing along the numpy axes (k, j, i): what a finite-difference stencil over the array needs."""
+        return tuple(reversed(self.spacing_ijk_mm))
+
+    @property
+    def index_to_ras_matrix(self) -> np.ndarray:
+        """3x3 matrix M with ras = origin + M @ ijk."""
+        return self.direction_ras @ np.diag(self.spacing_ijk_mm)
+
+    def index_kji_to_ras(self, index_kji) -> np.ndarray:
+        """Continuous (k, j, i) index, shape (..., 3), to RAS mm, shape (..., 3)."""
+        ijk = np.asarray(index_kji, dtype=np.float64)[..., ::-1]
+        return np.asarray(self.origin_ras_mm) + ijk @ self.index_to_ras_matrix.T
+
+    def ras_to_index_kji(self, ras_mm) -> np.ndarray:
+        """RAS mm, shape (..., 3), to continuous (k, j, i) index, shape (..., 3)."""
+        offset = np.asarray(ras_mm, dtype=np.float64) - np.asarray(self.origin_ras_mm)
+        ijk = offset @ np.linalg.inv(self.index_to_ras_matrix).T
+        return ijk[..., ::-1]
+
+    def contains_ras(self, ras_mm) -> bool:
+        """True where the RAS point falls inside the image (within half a voxel of a voxel centre)."""
+        idx = self.ras_to_index_kji(ras_mm)
+        return bool(np.all(idx >= -0.5) and np.all(idx <= np.asarray(self.shape_kji) - 0.5))
+
+    def voxel_volume_mm3(self) -> float:
+        return float(np.prod(self.spacing_ijk_mm))
+
+    def ras_grid(self, box_kji: Optional[Sequence[Tuple[int, int]]] = None) -> np.ndarray:
+        """RAS coordinates of voxel centres, shape (K, J, I, 3), optionally of a sub-box [(k0,k1),(j0,j1),(i0,i1)]."""
+        if box_kji is None:
+            box_kji = [(0, n) for n in self.shape_kji]
+        axes = [np.arange(a, b, dtype=np.float64) for a, b in box_kji]
+        kk, jj, ii = np.meshgrid(*axes, indexing="ij")
+        return self.index_kji_to_ras(np.stack([kk, jj, ii], axis=-1))
+
+    def same_grid(self, other: "Geometry", tolerance_mm: float = 1e-3) -> bool:
+        return (
+            self.shape_kji == other.shape_kji
+            and np.allclose(self.spacing_ijk_mm, other.spacing_ijk_mm, atol=tolerance_mm)
+            and np.allclose(self.origin_ras_mm, other.origin_ras_mm, atol=tolerance_mm)
+            and np.allclose(self.direction_ras, other.direction_ras, atol=1e-4)
+        )
+
+    def describe(self) -> str:
+        spacing = "x".join(f"{s:g}" for s in self.spacing_ijk_mm)
+        return f"{self.shape_kji[2]}x{self.shape_kji[1]}x{self.shape_kji[0]} voxels of {spacing} mm"
+
+    # ---- SimpleITK -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_sitk(cls, image) -> "Geometry":
+        direction_lps = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+        origin_lps = np.asarray(image.GetOrigin(), dtype=np.float64)
+        size_ijk = image.GetSize()
+        return cls(
+            shape_kji=tuple(reversed(size_ijk)),
+            spacing_ijk_mm=image.GetSpacing(),
+            origin_ras_mm=_LPS_TO_RAS @ origin_lps,
+            direction_ras=_LPS_TO_RAS @ direction_lps,
+        )
+
+    def apply_to_sitk(self, image) -> None:
+        """Write this geometry's spacing, origin and direction (converted to LPS) into a SimpleITK image."""
+        image.SetSpacing(self.spacing_ijk_mm)
+        image.SetOrigin(tuple(_LPS_TO_RAS @ np.asarray(self.origin_ras_mm)))
+        image.SetDirection(tuple((_LPS_TO_RAS @ self.direction_ras).ravel()))
+
+    # ---- derived grids ---------------------------------------------------------------------------------------
+    def with_spacing(self, spacing_mm) -> "Geometry":
+        """A grid with the same orientation and physical extent, voxels of the given size (scalar or per i,j,k)."""
+        new_spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (3,))
+        old_spacing = np.asarray(self.spacing_ijk_mm)
+        extent_ijk = np.asarray(self.shape_kji[::-1]) * old_spacing
+        new_size_ijk = np.maximum(1, np.floor(extent_ijk / new_spacing + 1e-6)).astype(int)
+        # Keep the grids' outer corners aligned: corner = origin - spacing/2 along each axis.
+        corner_shift_ijk = (new_spacing - old_spacing) / 2.0
+        new_origin = np.asarray(self.origin_ras_mm) + self.direction_ras @ corner_shift_ijk
+        return Geometry(tuple(new_size_ijk[::-1]), tuple(new_spacing), tuple(new_origin), self.direction_ras)
+
+    def sub_box(self, box_kji: Sequence[Tuple[int, int]]) -> "Geometry":
+        start = np.array([b[0] for b in box_kji], dtype=np.float64)
+        new_origin = self.index_kji_to_ras(start)
+        return Geometry(tuple(b[1] - b[0] for b in box_kji), self.spacing_ijk_mm, tuple(new_origin),
+                        self.direction_ras)
+
+
+@dataclass
+class Volume:
+    """A scalar image: a numpy array in (k, j, i) order with the geometry it lives on."""
+
+    array: np.ndarray
+    geometry: Geometry
+
+    def __post_init__(self):
+        if tuple(self.array.shape) != self.geometry.shape_kji:
+            raise InputError(f"array shape {self.array.shape} does not match geometry {self.geometry.shape_kji}")
+
+    def to_sitk(self):
+        import SimpleITK as sitk
+
+        image = sitk.GetImageFromArray(np.ascontiguousarray(self.array))
+        self.geometry.apply_to_sitk(image)
+        return image
+
+    @classmethod
+    def from_sitk(cls, image) -> "Volume":
+        import SimpleITK as sitk
+
+        return cls(sitk.GetArrayFromImage(image), Geometry.from_sitk(image))
+
+    def save(self, path) -> None:
+        from .imageio import write_image
+
+        write_image(self.to_sitk(), path)
+
+    @classmethod
+    def load(cls, path) -> "Volume":
+        from .imageio import read_image
+
+        return cls.from_sitk(read_image(path))
