@@ -1,0 +1,85 @@
+"""Pictures: orthogonal slices of a tumor-cell concentration map over the tissue, optional loss curve."""
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .geometry import Volume
+from .tissue import Tissue
+
+
+def tissue_background(tissue: Tissue) -> np.ndarray:
+    """A T1-like grey image from the fractions: WM bright, GM mid, CSF dark."""
+    return 0.15 * tissue.csf + 0.55 * tissue.gm + 0.95 * tissue.wm
+
+
+def _slices(array: np.ndarray, center_kji):
+    k, j, i = (int(x) for x in center_kji)
+    # Axial (k fixed), coronal (j fixed), sagittal (i fixed); transposed so that up is +k / +j on screen.
+    return [("axial", array[k, :, :]), ("coronal", array[:, j, :]), ("sagittal", array[:, :, i])]
+
+
+def slice_center(concentration: np.ndarray, seed_kji: Optional[Sequence[float]] = None):
+    """The voxel to cut through: the concentration's maximum (the seed if given and the map is empty)."""
+    if concentration.max() > 0:
+        return np.unravel_index(int(np.argmax(concentration)), concentration.shape)
+    if seed_kji is not None:
+        return tuple(int(round(x)) for x in seed_kji)
+    return tuple(n // 2 for n in concentration.shape)
+
+
+def save_concentration_figure(path, tissue: Tissue, concentration: Volume, title: str = "",
+                              seed_ras_mm: Optional[Sequence[float]] = None,
+                              loss_history: Optional[Sequence[float]] = None,
+                              observed: Optional[np.ndarray] = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .imageio import atomic_write_bytes
+
+    c = concentration.array
+    seed_kji = None if seed_ras_mm is None else tissue.geometry.ras_to_index_kji(seed_ras_mm)
+    center = slice_center(c, seed_kji)
+    background = tissue_background(tissue)
+    panels = 3 + (1 if loss_history else 0)
+    figure, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 4.6))
+    image = None
+    for axis, (name, tissue_slice), (_, c_slice) in zip(axes, _slices(background, center), _slices(c, center)):
+        axis.imshow(tissue_slice, cmap="gray", origin="lower", vmin=0, vmax=1, interpolation="nearest")
+        # Opacity grows with concentration, so the faint infiltration tail shows without hiding the anatomy.
+        colours = plt.get_cmap("inferno")(np.clip(c_slice, 0, 1))
+        colours[..., 3] = np.clip(0.15 + 0.85 * np.sqrt(np.clip(c_slice, 0, 1)), 0, 0.9) * (c_slice >= 1e-3)
+        axis.imshow(colours, origin="lower", interpolation="nearest")
+        image = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap="inferno")
+        if c_slice.max() >= 0.25:
+            axis.contour(c_slice, levels=[0.25, 0.675], colors=["#55ccff", "#33ff66"], linewidths=0.9)
+        if observed is not None:
+            (_, o_slice), = [s for s in _slices(observed, center) if s[0] == name]
+            if o_slice.max() >= 0.25:
+                axis.contour(o_slice, levels=[0.25], colors=["white"], linewidths=0.8, linestyles="dashed")
+        axis.set_title(name)
+        # Labels of the +i / +j axes; for an atlas or any RAS-aligned image they are R, A and A (neurological view).
+        right, up = {"axial": ("+i (R)", "+j (A)"), "coronal": ("+i (R)", "+k (S)"),
+                     "sagittal": ("+j (A)", "+k (S)")}[name]
+        axis.set_xlabel(right, fontsize=8)
+        axis.set_ylabel(up, fontsize=8)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    if image is not None:
+        figure.colorbar(image, ax=list(axes[:3]), fraction=0.02, pad=0.01, label="tumor-cell concentration")
+    if loss_history:
+        axes[3].semilogy(np.arange(1, len(loss_history) + 1), loss_history, color="tab:blue")
+        axes[3].set_xlabel("iteration")
+        axes[3].set_ylabel("data loss")
+        axes[3].set_title("optimisation")
+    figure.suptitle(title + "\ncontours: c = 0.25 (edema-visible, blue), c = 0.675 (core-visible, green)",
+                    fontsize=10)
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
