@@ -262,16 +262,19 @@ def plan_steps(operator: TissueOperator, mu_d: np.ndarray, mu_rho: np.ndarray,
 
 
 def simulate_tensor(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, control: StepControl = StepControl(),
-                    phases: int = 4, checkpoint_segments: Optional[int] = None,
+                    phases: int = 4, active_region: bool = True, checkpoint_segments: Optional[int] = None,
                     progress: Optional[Callable[[float], None]] = None, return_stats: bool = False):
     """Simulate a batch of tumors to T = 1 on the operator's grid.
 
     mu_d_mm, mu_rho: tensors (B,) or floats; seed_ras_mm: (B, 3) or (3,). Any of them may require grad.
+    active_region=False computes every voxel at every step (a reference for the box logic).
     Returns c of shape (B, K, J, I) on the full grid (and SolverStats if return_stats).
     """
     device, dtype = operator.device, operator.dtype
     mu_d = torch.as_tensor(mu_d_mm, dtype=dtype, device=device).reshape(-1)
     rho_root = torch.as_tensor(mu_rho, dtype=dtype, device=device).reshape(-1)
+    if not torch.is_tensor(seed_ras_mm):
+        seed_ras_mm = np.asarray(seed_ras_mm, dtype=np.float64)
     seeds = torch.as_tensor(seed_ras_mm, dtype=dtype, device=device).reshape(-1, 3)
     batch = max(mu_d.shape[0], rho_root.shape[0], seeds.shape[0])
     mu_d, rho_root, seeds = mu_d.expand(batch), rho_root.expand(batch), seeds.expand(batch, 3)
@@ -300,6 +303,7 @@ def simulate_tensor(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, cont
         radii = [active_radius_mm(mu_d_np[b], mu_rho_np[b], float(times[end - 1]), h_max) for b in range(batch)]
         box = _union([_index_box(operator.geometry, seeds_np[b], radii[b], shape) for b in range(batch)])
         box = box if previous is None else _union([box, previous])
+        box = box if active_region else [(0, n) for n in shape]
         boxes.append(box)
         previous = box
 

@@ -1,0 +1,136 @@
+"""Geometry (index <-> RAS), tissue loading, resampling, cropping and the bundled atlas."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import make_tissue
+from TumorPersonalizationLib import InputError, Tissue, TissueLabels
+from TumorPersonalizationLib.atlas import load_atlas
+from TumorPersonalizationLib.geometry import Geometry, Volume
+
+
+def _rotation(axis, angle_deg):
+    a = np.deg2rad(angle_deg)
+    c, s = np.cos(a), np.sin(a)
+    m = {"x": [[1, 0, 0], [0, c, -s], [0, s, c]], "z": [[c, -s, 0], [s, c, 0], [0, 0, 1]]}[axis]
+    return np.asarray(m)
+
+
+def _rotated_labelmap(tmp_path):
+    labels = np.zeros((9, 14, 11), np.uint8)
+    labels[2:7, 3:11, 2:9] = 2
+    labels[3:6, 5:9, 4:7] = 3
+    labels[4, 7, 5] = 1
+    image = sitk.GetImageFromArray(labels)
+    image.SetSpacing((0.8, 1.1, 2.5))
+    image.SetOrigin((12.0, -30.0, 7.5))
+    direction_lps = _rotation("z", 30) @ _rotation("x", -20)
+    image.SetDirection(tuple(direction_lps.ravel()))
+    path = tmp_path / "rotated.nii.gz"
+    sitk.WriteImage(image, str(path))
+    return path, image
+
+
+def test_ras_matches_itk_physical_points_of_rotated_anisotropic_image(tmp_path):
+    path, _ = _rotated_labelmap(tmp_path)
+    tissue = Tissue.from_file(path)
+    reread = sitk.ReadImage(str(path))  # NIfTI stores the geometry in float32: compare with what was stored
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        kji = rng.uniform(-1, 10, 3)
+        lps = np.asarray(reread.TransformContinuousIndexToPhysicalPoint(tuple(float(x) for x in kji[::-1])))
+        ras = tissue.geometry.index_kji_to_ras(kji)
+        np.testing.assert_allclose(ras, lps * [-1, -1, 1], atol=1e-4)
+        np.testing.assert_allclose(tissue.geometry.ras_to_index_kji(ras), kji, atol=1e-6)
+    assert tissue.geometry.spacing_kji_mm == pytest.approx((2.5, 1.1, 0.8))
+
+
+def test_volume_written_and_read_back_keeps_geometry(tmp_path):
+    path, _ = _rotated_labelmap(tmp_path)
+    tissue = Tissue.from_file(path)
+    volume = Volume(tissue.wm * 0.5, tissue.geometry)
+    for suffix in (".nii.gz", ".nrrd", ".mha"):
+        out = tmp_path / f"c{suffix}"
+        volume.save(out)
+        back = Volume.load(out)
+        assert back.geometry.same_grid(tissue.geometry, tolerance_mm=1e-4)
+        np.testing.assert_allclose(back.array, volume.array)
+
+
+def test_labelmap_labels_are_options():
+    labels = np.zeros((4, 5, 6), np.int16)
+    labels[1:3, 1:4, 1:5] = 7
+    labels[2, 2, 2] = 9
+    labels[0, 0, 0] = 8
+    volume = Volume(labels, Geometry(labels.shape, (1, 1, 1), (0, 0, 0)))
+    tissue = Tissue.from_labelmap(volume, TissueLabels(csf=8, gm=7, wm=9))
+    assert tissue.wm.sum() == 1 and tissue.gm.sum() == 23 and tissue.csf.sum() == 1
+    with pytest.raises(InputError, match="no WM"):
+        Tissue.from_labelmap(volume)
+
+
+def test_probability_maps_and_multicomponent_file(tmp_path):
+    rng = np.random.default_rng(1)
+    wm = rng.uniform(0, 0.5, (5, 6, 7)).astype(np.float32)
+    gm = rng.uniform(0, 0.5, (5, 6, 7)).astype(np.float32)
+    csf = (1 - wm - gm).astype(np.float32)
+    geometry = Geometry(wm.shape, (1.2, 1.0, 0.9), (1, 2, 3))
+    tissue = Tissue.from_probabilities(*(Volume(a, geometry) for a in (wm, gm, csf)))
+    np.testing.assert_allclose(tissue.gm, gm)
+    stacked = sitk.GetImageFromArray(np.stack([wm, gm, csf], -1), isVector=True)
+    geometry.apply_to_sitk(stacked)
+    sitk.WriteImage(stacked, str(tmp_path / "fractions.nii.gz"))
+    loaded = Tissue.from_file(tmp_path / "fractions.nii.gz")
+    np.testing.assert_allclose(loaded.csf, csf, atol=1e-6)
+    assert loaded.geometry.same_grid(geometry)
+
+
+def test_bad_tissue_inputs_are_refused():
+    geometry = Geometry((3, 3, 3), (1, 1, 1), (0, 0, 0))
+    nan_map = np.full((3, 3, 3), 0.5, np.float32)
+    nan_map[1, 1, 1] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        Tissue(nan_map, np.zeros_like(nan_map), np.zeros_like(nan_map), geometry)
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        Tissue(np.full((3, 3, 3), 2.0), np.zeros((3, 3, 3)), np.zeros((3, 3, 3)), geometry)
+    other = Geometry((3, 3, 4), (1, 1, 1), (0, 0, 0))
+    with pytest.raises(InputError, match="does not match"):
+        Tissue.from_probabilities(Volume(np.zeros((3, 3, 3), np.float32), geometry),
+                                  Volume(np.zeros((3, 3, 4), np.float32), other),
+                                  Volume(np.zeros((3, 3, 3), np.float32), geometry))
+
+
+def test_resample_block_average_and_crop_cube():
+    wm = np.zeros((8, 8, 8), np.float32)
+    wm[:4] = 1.0
+    tissue = make_tissue(wm, spacing=(1, 1, 1), origin=(10, 20, 30))
+    coarse = tissue.resample(2.0)
+    assert coarse.geometry.shape_kji == (4, 4, 4)
+    assert coarse.wm.sum() * 8 == pytest.approx(wm.sum())  # area averaging keeps the amount of tissue
+    # Same physical extent: the coarse voxel (0,0,0) centre sits between the first two fine centres.
+    np.testing.assert_allclose(coarse.geometry.index_kji_to_ras((0, 0, 0)), [10.5, 20.5, 30.5])
+    cube = tissue.crop_cube(tissue.geometry.index_kji_to_ras((1, 4, 4)), 6.0)
+    assert cube.geometry.shape_kji == (6, 6, 6)
+    assert cube.wm[:2].sum() == 0  # outside the image: background
+    np.testing.assert_allclose(cube.geometry.index_kji_to_ras((3, 3, 3)), tissue.geometry.index_kji_to_ras((1, 4, 4)))
+
+
+def test_mirroring_swaps_hemispheres():
+    wm = np.zeros((2, 2, 6), np.float32)
+    wm[..., :2] = 1.0
+    tissue = make_tissue(wm)
+    mirrored = tissue.mirrored_left_right()
+    assert mirrored.wm[..., -2:].sum() == 8 and mirrored.wm[..., :2].sum() == 0
+
+
+def test_bundled_atlas_is_plausible_adult_brain():
+    atlas1, atlas2 = load_atlas(1), load_atlas(2)
+    assert atlas1.geometry.spacing_ijk_mm == (1.0, 1.0, 1.0)
+    volumes = {name: getattr(atlas1, name).sum() / 1000.0 for name in ("wm", "gm", "csf")}
+    assert 400 < volumes["wm"] < 900 and 600 < volumes["gm"] < 1200 and 100 < volumes["csf"] < 400, volumes
+    assert np.all(atlas1.wm + atlas1.gm + atlas1.csf <= 1.0 + 2 / 255)
+    # Ventricles are CSF: MNI (+/-15, -15, 20) mm lies in the lateral ventricles' bodies.
+    assert atlas1.fractions_at_ras((-16.0, -20.0, 22.0))[2] > 0.5 or atlas1.fractions_at_ras((16.0, -20.0, 22.0))[2] > 0.5
+    # 2 mm is the block average of 1 mm (up to 8-bit rounding).
+    np.testing.assert_allclose(atlas1.resample(2.0).wm, atlas2.wm, atol=1.5 / 255)
+    assert atlas2.geometry.same_grid(atlas1.geometry.with_spacing(2.0))

@@ -1,0 +1,205 @@
+"""Physics of the FD solver: front speed, conservation, no flux into CSF, bounds, convergence, gradients."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import heterogeneous_tissue, make_tissue
+from TumorPersonalizationLib.parameters import GrowthParameters
+from TumorPersonalizationLib.solver import (INITIAL_AMPLITUDE, StepControl, TissueOperator, apply_laplacian,
+                                            lattice_front, rkl2_coefficients, simulate, simulate_tensor,
+                                            _diffusion_step)
+
+
+def _front_position(profile, spacing, level=0.5):
+    """x (mm, from voxel 0's centre) where a decreasing profile crosses `level`, linearly interpolated."""
+    above = np.nonzero(profile >= level)[0]
+    n = int(above.max())
+    c0, c1 = profile[n], profile[n + 1]
+    return (n + (c0 - level) / (c0 - c1)) * spacing
+
+
+def test_front_speed_in_white_matter_bar_matches_fisher_kpp():
+    # Width mu_D/mu_rho = 1 mm resolved by 4 voxels; a state at time t of (D, rho) is simulate(sqrt(D t), sqrt(rho t)).
+    spacing = 0.25
+    bar = make_tissue(np.ones((1, 1, 560)), spacing=(spacing, spacing, spacing))
+    operator = TissueOperator(bar, dtype=torch.float64)
+    diffusivity, rho = 1.0, 1.0  # mm^2 and 1 per unit time: speed 2, width 1 mm
+    seed = bar.geometry.index_kji_to_ras((0, 0, 20))
+    times = (20.0, 40.0)
+    positions = []
+    for t in times:
+        with torch.no_grad():
+            c = simulate_tensor(operator, [math.sqrt(diffusivity * t)], [math.sqrt(rho * t)], [seed])
+        profile = c[0, 0, 0].numpy()
+        assert profile[-1] < 1e-8, "front reached the end of the bar"
+        positions.append(_front_position(profile, spacing))
+    # Bramson's logarithmic delay: x(t) = 2 sqrt(D rho) t - 3/2 sqrt(D/rho) ln t + const.
+    log_correction = 1.5 * math.sqrt(diffusivity / rho) * math.log(times[1] / times[0])
+    speed = (positions[1] - positions[0] + log_correction) / (times[1] - times[0])
+    expected = 2.0 * math.sqrt(diffusivity * rho)
+    assert abs(speed - expected) / expected < 0.05, (speed, expected)
+
+
+def test_front_speed_lattice_formula_tends_to_continuum():
+    speed, rate = lattice_front(3.0, 2.0, 0.01)
+    assert speed == pytest.approx(12.0, rel=1e-3)
+    assert rate == pytest.approx(2.0 / 3.0, rel=2e-2)
+    coarse_speed, _ = lattice_front(2.0, 7.0, 2.0)
+    assert coarse_speed > 1.5 * 28.0  # an under-resolved front runs ahead on the grid
+
+
+def _csf_wall_tissue():
+    wm = np.ones((16, 16, 30), np.float32)
+    csf = np.zeros_like(wm)
+    wm[:, :, 15:17] = 0.0
+    csf[:, :, 15:17] = 1.0
+    return make_tissue(wm, csf=csf)
+
+
+def test_pure_diffusion_conserves_mass_and_nothing_crosses_csf():
+    tissue = _csf_wall_tissue()
+    operator = TissueOperator(tissue, dtype=torch.float64)
+    seed = tissue.geometry.index_kji_to_ras((8, 8, 9))
+    c0 = simulate_tensor(operator, [0.0], [0.0], [seed])[0].numpy()  # no diffusion, no growth: c(T) = c0
+    with torch.no_grad():
+        c = simulate_tensor(operator, [6.0], [0.0], [seed])[0].numpy()
+    assert c0.sum() > 1.0
+    assert abs(c.sum() - c0.sum()) / c0.sum() < 1e-4
+    assert c[:, :, 14].max() > 1e-3, "diffusion did reach the wall"
+    assert np.all(c[:, :, 15:] == 0.0), "tumor cells crossed the CSF wall"
+
+
+def test_single_precision_also_conserves_mass():
+    tissue = heterogeneous_tissue()
+    operator = TissueOperator(tissue)
+    seed = tissue.geometry.index_kji_to_ras((10, 11, 12))
+    with torch.no_grad():
+        c0 = simulate_tensor(operator, [0.0], [0.0], [seed])[0].double().sum()
+        c = simulate_tensor(operator, [4.0], [0.0], [seed])[0].double().sum()
+    assert abs(float(c - c0)) / float(c0) < 1e-4
+
+
+def test_concentration_stays_in_unit_interval_and_outside_brain_is_zero():
+    tissue = heterogeneous_tissue()
+    operator = TissueOperator(tissue)
+    seed = tissue.geometry.index_kji_to_ras((10, 11, 12))
+    with torch.no_grad():
+        c = simulate_tensor(operator, [5.0, 2.0, 12.0], [6.0, 1.0, 3.0], [seed])
+    assert float(c.min()) >= 0.0 and float(c.max()) <= 1.0
+    assert float(c.max()) > 0.99  # the fast-growing one saturates
+    outside = ~torch.as_tensor(tissue.brain_mask)
+    assert float(c[:, outside].abs().max()) == 0.0
+
+
+def test_initial_condition_matches_design():
+    tissue = make_tissue(np.ones((21, 21, 21)))
+    operator = TissueOperator(tissue, dtype=torch.float64)
+    seed = tissue.geometry.index_kji_to_ras((10, 10, 10))
+    c0 = simulate_tensor(operator, [0.0], [0.0], [seed])[0].numpy()
+    r2 = ((tissue.geometry.ras_grid() - seed) ** 2).sum(-1)
+    expected = 250.0 / (4 * np.pi * 5) ** 1.5 * np.exp(-r2 / 20.0)
+    expected[expected < 0.1] = 0.0
+    assert INITIAL_AMPLITUDE == pytest.approx(0.5020, abs=1e-4)
+    np.testing.assert_allclose(c0, expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("mu_d, mu_rho", [(8.0, 3.0), (15.0, 5.0), (3.0, 1.5)])
+def test_refined_time_step_changes_result_by_less_than_1e3(atlas_2mm, mu_d, mu_rho):
+    operator = TissueOperator(atlas_2mm)
+    seed = (28.0, -12.0, 24.0)
+    with torch.no_grad():
+        default = simulate_tensor(operator, [mu_d], [mu_rho], [seed])
+        refined = simulate_tensor(operator, [mu_d], [mu_rho], [seed], control=StepControl(refinement=2))
+    assert float((default - refined).abs().max()) < 1e-3
+
+
+def test_active_region_matches_full_grid(atlas_2mm):
+    operator = TissueOperator(atlas_2mm)
+    seed = (28.0, -12.0, 24.0)
+    with torch.no_grad():
+        boxed, stats = simulate_tensor(operator, [6.0], [4.0], [seed], return_stats=True)
+        full = simulate_tensor(operator, [6.0], [4.0], [seed], active_region=False)
+    assert stats.active_voxels_final < stats.grid_voxels  # the box did cut work
+    assert float((boxed - full).abs().max()) < 1e-6
+
+
+def test_batch_equals_individual_runs():
+    tissue = heterogeneous_tissue()
+    operator = TissueOperator(tissue, dtype=torch.float64)
+    seeds = [tissue.geometry.index_kji_to_ras((10, 11, 12)), tissue.geometry.index_kji_to_ras((8, 9, 14))]
+    control = StepControl(max_step=0.01)  # the same steps for both, so the batch is comparable
+    with torch.no_grad():
+        batch = simulate_tensor(operator, [4.0, 4.0], [3.0, 3.0], seeds, control=control)
+        single = [simulate_tensor(operator, [4.0], [3.0], [s], control=control)[0] for s in seeds]
+    for b in range(2):
+        assert float((batch[b] - single[b]).abs().max()) < 1e-10
+
+
+def test_rkl2_is_second_order_for_diffusion():
+    tissue = make_tissue(np.ones((1, 1, 64)))
+    operator = TissueOperator(tissue, dtype=torch.float64)
+    x = torch.arange(64, dtype=torch.float64)
+    mode = 6  # a Neumann eigenfunction of the discrete operator
+    c0 = torch.cos(math.pi * mode * (x + 0.5) / 64).view(1, 1, 1, 64)
+    eigenvalue = -2.0 * (1 - math.cos(math.pi * mode / 64))
+    exact = c0 * math.exp(eigenvalue * 10.0)
+    errors = []
+    for steps in (2, 4, 8):  # dt = 5, 2.5, 1.25: within the 10-stage limit of 13.5
+        c = c0.clone()
+        dt = 10.0 / steps
+        for _ in range(steps):
+            c = _diffusion_step(c, operator.faces, torch.tensor(dt, dtype=torch.float64), rkl2_coefficients(10))
+        errors.append(float((c - exact).abs().max()))
+    assert errors[0] < 1e-2
+    assert errors[0] / errors[1] == pytest.approx(4.0, rel=0.15)
+    assert errors[1] / errors[2] == pytest.approx(4.0, rel=0.15)
+
+
+def test_rkl2_stable_at_its_limit_and_laplacian_conservative():
+    tissue = heterogeneous_tissue((10, 12, 14))
+    operator = TissueOperator(tissue, dtype=torch.float64)
+    c = torch.rand((1, 10, 12, 14), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    c = c * operator.brain_mask
+    assert abs(float(apply_laplacian(c, operator.faces).sum())) < 1e-10
+    stages = 12
+    dt = 0.99 * (stages ** 2 + stages - 2) / 4 / operator.max_row_sum
+    for _ in range(200):
+        c = _diffusion_step(c, operator.faces, torch.tensor(dt, dtype=torch.float64), rkl2_coefficients(stages))
+    assert float(c.abs().max()) <= 1.0 + 1e-9
+
+
+def test_gradient_matches_central_finite_differences():
+    tissue = heterogeneous_tissue((16, 16, 16), seed=3)
+    operator = TissueOperator(tissue, dtype=torch.float64)
+    weights = torch.rand((16, 16, 16), dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    seed0 = tissue.geometry.index_kji_to_ras((8.3, 7.6, 8.2))
+    control = StepControl(max_step=0.02)
+
+    def loss(mu_d, mu_rho, seed):
+        c = simulate_tensor(operator, mu_d.view(1), mu_rho.view(1), seed.view(1, 3), control=control)
+        return (c[0] * weights).sum()
+
+    x = torch.tensor([3.0, 2.5, *seed0], dtype=torch.float64, requires_grad=True)
+    value = loss(x[0], x[1], x[2:])
+    (gradient,) = torch.autograd.grad(value, x)
+    for n, step in enumerate([1e-5, 1e-5, 1e-4, 1e-4, 1e-4]):
+        with torch.no_grad():
+            plus, minus = x.detach().clone(), x.detach().clone()
+            plus[n] += step
+            minus[n] -= step
+            numeric = (loss(plus[0], plus[1], plus[2:]) - loss(minus[0], minus[1], minus[2:])) / (2 * step)
+        assert float(gradient[n]) == pytest.approx(float(numeric), rel=1e-2, abs=1e-6), n
+    assert abs(float(gradient[2:].norm())) > 1e-3  # the seed does move the answer
+
+
+def test_simulate_on_working_grid_returns_tissue_grid(atlas_2mm):
+    parameters = GrowthParameters((28.0, -12.0, 24.0), 8.0, 3.0)
+    native = simulate(atlas_2mm, parameters)
+    coarse = simulate(atlas_2mm, parameters, spacing_mm=4.0)
+    assert coarse.geometry.same_grid(atlas_2mm.geometry)
+    visible_native = native.array >= 0.25
+    visible_coarse = coarse.array >= 0.25
+    overlap = 2 * (visible_native & visible_coarse).sum() / (visible_native.sum() + visible_coarse.sum())
+    assert overlap > 0.85
