@@ -76,6 +76,7 @@ class SolverStats:
     max_dt: float
     active_voxels_final: int
     grid_voxels: int
+    explicit_steps_for_stability: int  # forward-Euler steps the same grid would need just to stay stable
 
 
 def lattice_front(mu_d_mm: float, mu_rho: float, spacing_mm: float) -> Tuple[float, float]:
@@ -350,7 +351,8 @@ def simulate_tensor(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, cont
     if return_stats:
         final_box = boxes[-1]
         stats = SolverStats(steps, max(stage_counts), int(sum(stage_counts)), float(max(step_sizes)),
-                            int(np.prod([b - a for a, b in final_box])), int(np.prod(shape)))
+                            int(np.prod([b - a for a, b in final_box])), int(np.prod(shape)),
+                            int(math.ceil(1.0 / dt_explicit)) if math.isfinite(dt_explicit) else 0)
         return c, stats
     return c
 
