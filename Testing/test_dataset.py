@@ -1,0 +1,72 @@
+"""Dataset generation: determinism, resumability, checksums, geometry of the crops, parameter mapping."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from TumorPersonalizationLib import InputError
+from TumorPersonalizationLib.dataset import (DatasetConfig, Prior, draw_physical, generate, load_dataset,
+                                             shard_path)
+
+# A narrow prior keeps the FD runs small (slow, diffuse tumors); the mapping is the same as the default prior's.
+SMALL_PRIOR = Prior(d_wm_mm2_per_day=(0.05, 0.2), rho_per_day=(0.02, 0.05), visible_volume_cm3=(1.0, 250.0))
+
+
+def small_config(**changes):
+    values = dict(samples=3, seed=7, grid=16, shard_size=2, prior=SMALL_PRIOR)
+    values.update(changes)
+    return DatasetConfig(**values)
+
+
+def test_prior_mapping_to_folded_parameters():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        p = draw_physical(rng, Prior())
+        assert p["days"] <= 100.0 + 1e-9
+        assert p["mu_d_mm"] == pytest.approx(math.sqrt(p["d_wm_mm2_per_day"] * p["days"]))
+        assert p["mu_rho"] == pytest.approx(math.sqrt(p["rho_per_day"] * p["days"]))
+        assert p["mu_d_mm"] <= math.sqrt(1000.0) and p["mu_rho"] <= 10.0
+
+
+def test_generate_is_deterministic_resumable_and_checked(tmp_path):
+    config = small_config()
+    first = generate(config, tmp_path / "a", local=True)
+    assert first["complete"] and first["samples"] == 3 and len(first["shards"]) == 2
+    data = load_dataset(tmp_path / "a")
+    assert data["tissue"].shape == (3, 3, 16, 16, 16) and data["concentration"].shape == (3, 16, 16, 16)
+    assert np.all((data["visible_volume_cm3"] >= 1) & (data["visible_volume_cm3"] <= 250))
+    assert float(data["concentration"].max()) <= 1.0 and float(data["concentration"].max()) > 0.25
+    # The seed is stored as an offset from the crop centre, consistent with the absolute RAS position.
+    np.testing.assert_allclose(data["seed_ras_mm"] - data["crop_center_ras_mm"], data["seed_offset_mm"], atol=1e-3)
+    assert np.all(np.abs(data["seed_offset_mm"]) < 64.0)
+
+    # Resume: remove one shard; only it is recomputed, and it comes back bit-identical.
+    manifest_a = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    shard_path(tmp_path / "a", 1).unlink()
+    again = generate(config, tmp_path / "a", local=True)
+    assert again["sha256"] == manifest_a["sha256"]
+
+    # Another folder, same seed: the same data; another seed: different data.
+    assert generate(config, tmp_path / "b", local=True)["sha256"] == first["sha256"]
+    assert generate(small_config(seed=8, samples=1), tmp_path / "c", local=True)["shards"][0]["sha256"] != \
+        first["shards"][0]["sha256"]
+
+    # A corrupted shard is refused on load, naming the file.
+    path = shard_path(tmp_path / "b", 0)
+    path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(InputError, match="shard_00000.npz"):
+        load_dataset(tmp_path / "b")
+
+
+def test_other_configuration_in_same_folder_is_refused(tmp_path):
+    generate(small_config(samples=1), tmp_path / "d", local=True)
+    with pytest.raises(InputError, match="another configuration"):
+        generate(small_config(samples=1, grid=8), tmp_path / "d", local=True)
+
+
+def test_dask_local_cluster_gives_the_same_data(tmp_path):
+    config = small_config(samples=2, shard_size=1)
+    serial = generate(config, tmp_path / "serial", local=True)
+    distributed = generate(config, tmp_path / "dask", workers=2)  # a Dask LocalCluster of 2 processes
+    assert distributed["sha256"] == serial["sha256"]

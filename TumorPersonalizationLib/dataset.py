@@ -1,0 +1,332 @@
+"""Training data for the neural surrogate and the inverse network: FD simulations on the atlas, cropped and coarsened.
+
+Prior (the recipe of the published synthetic dataset, mapped onto the folded parameters of DESIGN.md):
+    D_WM ~ U[0.001, 10] mm^2/day,  rho ~ U[0.001, 1] /day,  visible-volume target V ~ U[1, 250] cm^3,
+    T = min(100 days, time for a sphere growing at the Fisher front speed 2 sqrt(D rho) to reach V),
+    mu_D = sqrt(D_WM T), mu_rho = sqrt(rho T)   (so mu_D <= 31.6 mm, mu_rho <= 10),
+    seed uniform over atlas voxels with WM+GM >= 0.5, the atlas mirrored left-right with probability 1/2.
+A draw is kept when the simulated visible volume (c >= 0.25) lies in [1, 250] cm^3 (as in BraTS), otherwise it is
+replaced by the next draw of the same sample's random stream; the kept distribution is recorded in the manifest.
+
+Each sample: the FD solution on the 2 mm atlas, then the cube of 128 mm centred on the tumor's centre of mass (on
+the simulation grid), area-averaged to the surrogate grid, with the same crop of the tissue and the parameters (seed
+as an offset in mm from the crop centre). Sample i depends only on (dataset seed, i), so shards can be computed in
+any order, on any worker, and a stopped run resumes where it stopped.
+"""
+import hashlib
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+from .errors import InputError
+from .geometry import Geometry
+from .metrics import tumor_volume_cm3
+from .tissue import Tissue, crop_with_padding, cube_box_kji, resample_fraction
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Prior:
+    d_wm_mm2_per_day: tuple = (0.001, 10.0)
+    rho_per_day: tuple = (0.001, 1.0)
+    max_days: float = 100.0
+    visible_volume_cm3: tuple = (1.0, 250.0)
+    visible_threshold: float = 0.25
+    seed_min_brain_fraction: float = 0.5
+    mirror_probability: float = 0.5
+    max_draws_per_sample: int = 50
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    samples: int = 1000
+    seed: int = 0
+    grid: int = 32  # surrogate grid points per side
+    cube_mm: float = 128.0
+    simulation_spacing_mm: int = 2  # atlas resolution of the FD runs
+    shard_size: int = 50
+    prior: Prior = field(default_factory=Prior)
+
+    @property
+    def surrogate_spacing_mm(self) -> float:
+        return self.cube_mm / self.grid
+
+    @property
+    def shards(self) -> int:
+        return math.ceil(self.samples / self.shard_size)
+
+    def to_dict(self) -> Dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict) -> "DatasetConfig":
+        data = dict(data)
+        data["prior"] = Prior(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["prior"].items()})
+        return cls(**data)
+
+
+def draw_physical(rng: np.random.Generator, prior: Prior) -> Dict[str, float]:
+    """One draw of (D, rho, V target) and the implied age T, mapped onto mu_D, mu_rho."""
+    d = rng.uniform(*prior.d_wm_mm2_per_day)
+    rho = rng.uniform(*prior.rho_per_day)
+    volume = rng.uniform(*prior.visible_volume_cm3)
+    radius_mm = (3.0 * volume * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
+    days = min(prior.max_days, radius_mm / (2.0 * math.sqrt(d * rho)))
+    return {"d_wm_mm2_per_day": d, "rho_per_day": rho, "target_volume_cm3": volume, "days": days,
+            "mu_d_mm": math.sqrt(d * days), "mu_rho": math.sqrt(rho * days)}
+
+
+def _crop_center_kji(concentration: np.ndarray) -> np.ndarray:
+    """Centre of mass of the concentration, rounded to whole voxels so the crop aligns with the grid."""
+    total = float(concentration.sum())
+    if total <= 0:
+        raise InputError("empty simulation: no centre of mass")
+    grids = np.indices(concentration.shape, dtype=np.float64)
+    return np.array([round(float((g * concentration).sum() / total)) for g in grids])
+
+
+class SampleMaker:
+    """Makes sample i of a dataset (holds the atlas and its mirror image once per worker)."""
+
+    def __init__(self, config: DatasetConfig, device: str = "cpu"):
+        from .atlas import load_atlas
+        from .solver import TissueOperator
+
+        self.config = config
+        atlas = load_atlas(config.simulation_spacing_mm)
+        self.tissues = [atlas, atlas.mirrored_left_right()]
+        self.operators = [TissueOperator(t, device=device) for t in self.tissues]
+        n = config.cube_mm / config.simulation_spacing_mm
+        if abs(n - round(n)) > 1e-6:
+            raise InputError(f"cube of {config.cube_mm} mm is not a whole number of {config.simulation_spacing_mm} mm "
+                             f"voxels")
+
+    def candidate_seeds(self, mirrored: int) -> np.ndarray:
+        tissue = self.tissues[mirrored]
+        return np.argwhere(tissue.brain_fraction >= self.config.prior.seed_min_brain_fraction)
+
+    def make(self, index: int) -> Dict[str, np.ndarray]:
+        import torch
+
+        config, prior = self.config, self.config.prior
+        rng = np.random.default_rng([config.seed, index])
+        for draw in range(prior.max_draws_per_sample):
+            mirrored = int(rng.uniform() < prior.mirror_probability)
+            tissue = self.tissues[mirrored]
+            candidates = self.candidate_seeds(mirrored)
+            seed_kji = candidates[rng.integers(len(candidates))] + rng.uniform(-0.5, 0.5, 3)
+            seed_ras = tissue.geometry.index_kji_to_ras(seed_kji)
+            physical = draw_physical(rng, prior)
+            with torch.no_grad():
+                from .solver import simulate_tensor
+
+                c = simulate_tensor(self.operators[mirrored], [physical["mu_d_mm"]], [physical["mu_rho"]],
+                                    [seed_ras])[0].cpu().numpy()
+            visible = tumor_volume_cm3(c, tissue.geometry.voxel_volume_mm3(), prior.visible_threshold)
+            if prior.visible_volume_cm3[0] <= visible <= prior.visible_volume_cm3[1]:
+                break
+        else:
+            raise RuntimeError(f"sample {index}: no draw within the volume range after {prior.max_draws_per_sample}")
+        return self._crop(index, tissue, c, seed_ras, physical, visible, mirrored, draw)
+
+    def _crop(self, index, tissue: Tissue, c, seed_ras, physical, visible, mirrored, draw):
+        config = self.config
+        center_kji = _crop_center_kji(c)
+        center_ras = tissue.geometry.index_kji_to_ras(center_kji)
+        box = cube_box_kji(tissue.geometry, center_ras, config.cube_mm)
+        fine = tissue.geometry.sub_box(box)
+        coarse = fine.with_spacing(config.surrogate_spacing_mm)
+
+        def shrink(array):
+            return resample_fraction(crop_with_padding(array, box), fine, coarse).astype(np.float32)
+
+        crop_center_ras = coarse.index_kji_to_ras((np.asarray(coarse.shape_kji) - 1) / 2.0)
+        return {
+            "index": np.int64(index),
+            "tissue": np.stack([shrink(tissue.wm), shrink(tissue.gm), shrink(tissue.csf)]).astype(np.float16),
+            "concentration": np.clip(shrink(c), 0, 1).astype(np.float16),
+            "mu_d_mm": np.float32(physical["mu_d_mm"]),
+            "mu_rho": np.float32(physical["mu_rho"]),
+            "seed_offset_mm": (np.asarray(seed_ras) - crop_center_ras).astype(np.float32),
+            "seed_ras_mm": np.asarray(seed_ras, np.float32),
+            "crop_center_ras_mm": crop_center_ras.astype(np.float32),
+            "mirrored": np.int8(mirrored),
+            "visible_volume_cm3": np.float32(visible),
+            "draws": np.int16(draw + 1),
+            "physical": np.asarray([physical[k] for k in ("d_wm_mm2_per_day", "rho_per_day", "days")], np.float32),
+        }
+
+
+def _stack(samples: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    return {key: np.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+def shard_path(directory: Path, shard: int) -> Path:
+    return Path(directory) / f"shard_{shard:05d}.npz"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def make_shard(config_dict: Dict, directory: str, shard: int, device: str = "cpu") -> Dict:
+    """Compute and write one shard (a function of plain arguments, so a Dask worker can run it)."""
+    from .imageio import atomic_write_bytes
+
+    config = DatasetConfig.from_dict(config_dict)
+    maker = _maker_cache(config, device)
+    start = shard * config.shard_size
+    indices = range(start, min(start + config.shard_size, config.samples))
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **_stack([maker.make(i) for i in indices]))
+    path = shard_path(Path(directory), shard)
+    atomic_write_bytes(path, buffer.getvalue())
+    return {"shard": shard, "file": path.name, "samples": len(indices), "sha256": sha256_file(path)}
+
+
+_MAKERS: Dict[str, SampleMaker] = {}
+
+
+def _maker_cache(config: DatasetConfig, device: str) -> SampleMaker:
+    key = json.dumps([config.to_dict(), device], sort_keys=True)
+    if key not in _MAKERS:
+        _MAKERS.clear()
+        _MAKERS[key] = SampleMaker(config, device)
+    return _MAKERS[key]
+
+
+def generate(config: DatasetConfig, directory, scheduler: Optional[str] = None, workers: Optional[int] = None,
+             local: bool = False, progress: Optional[Callable[[int, int], None]] = None) -> Dict:
+    """Generate (or finish) a dataset in `directory`; returns the manifest.
+
+    scheduler: address of an existing Dask scheduler; otherwise a Dask LocalCluster with `workers` processes, or
+    in-process work when local=True or Dask is not installed. Finished shards (listed in the progress file with
+    a matching checksum) are kept, so an interrupted run resumes.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state_path = directory / "progress.json"
+    state = _load_state(state_path, config)
+    todo = [s for s in range(config.shards) if not _shard_done(directory, state, s)]
+    if progress:
+        progress(config.shards - len(todo), config.shards)
+
+    def record(result):
+        state["shards"][str(result["shard"])] = result
+        from .imageio import atomic_write_bytes
+
+        atomic_write_bytes(state_path, (json.dumps(state, indent=1) + "\n").encode())
+        if progress:
+            progress(len(state["shards"]), config.shards)
+
+    client, cluster = (None, None) if local else _dask_client(scheduler, workers)
+    try:
+        if client is None:
+            for shard in todo:
+                record(make_shard(config.to_dict(), str(directory), shard))
+        else:
+            from distributed import as_completed
+
+            futures = [client.submit(make_shard, config.to_dict(), str(directory.resolve()), s, pure=False)
+                       for s in todo]
+            for future in as_completed(futures):
+                record(future.result())
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+    return write_manifest(config, directory, state)
+
+
+def _dask_client(scheduler: Optional[str], workers: Optional[int]):
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        if scheduler:
+            raise InputError("--scheduler needs Dask: pip install 'TumorPersonalizationLib[distributed]'")
+        return None, None
+    if scheduler:
+        return Client(scheduler), None
+    cluster = LocalCluster(n_workers=workers or 1, threads_per_worker=1, processes=True, dashboard_address=None)
+    return Client(cluster), cluster
+
+
+def _load_state(path: Path, config: DatasetConfig) -> Dict:
+    if path.exists():
+        state = json.loads(path.read_text())
+        if state.get("config") != json.loads(json.dumps(config.to_dict())):
+            raise InputError(f"{path.parent} holds a dataset made with another configuration; use a new folder")
+        return state
+    return {"format_version": FORMAT_VERSION, "config": json.loads(json.dumps(config.to_dict())), "shards": {}}
+
+
+def _shard_done(directory: Path, state: Dict, shard: int) -> bool:
+    entry = state["shards"].get(str(shard))
+    path = shard_path(directory, shard)
+    return bool(entry) and path.exists() and sha256_file(path) == entry["sha256"]
+
+
+def write_manifest(config: DatasetConfig, directory: Path, state: Dict) -> Dict:
+    from .imageio import atomic_write_bytes
+
+    shards = [state["shards"][str(s)] for s in range(config.shards) if str(s) in state["shards"]]
+    summary = {}
+    if shards:
+        values = {k: [] for k in ("mu_d_mm", "mu_rho", "visible_volume_cm3", "draws")}
+        for entry in shards:
+            with np.load(directory / entry["file"]) as data:
+                for key in values:
+                    values[key].extend(np.asarray(data[key], np.float64).tolist())
+        summary = {key: {"min": float(np.min(v)), "mean": float(np.mean(v)), "max": float(np.max(v))}
+                   for key, v in values.items()}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "description": __doc__.strip().splitlines()[0],
+        "config": state["config"],
+        "complete": len(shards) == config.shards,
+        "samples": int(sum(e["samples"] for e in shards)),
+        "shards": shards,
+        "kept_distribution": summary,
+        "surrogate_geometry": {"grid": config.grid, "spacing_mm": config.surrogate_spacing_mm,
+                               "cube_mm": config.cube_mm},
+    }
+    manifest["sha256"] = hashlib.sha256(json.dumps(manifest["shards"], sort_keys=True).encode()).hexdigest()
+    atomic_write_bytes(directory / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
+    return manifest
+
+
+def load_dataset(directory) -> Dict[str, np.ndarray]:
+    """All shards of a finished dataset, concatenated, after checking every checksum of its manifest."""
+    directory = Path(directory)
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.exists():
+        raise InputError(f"no manifest.json in {directory}: generate the dataset first")
+    manifest = json.loads(manifest_path.read_text())
+    parts = []
+    for entry in manifest["shards"]:
+        path = directory / entry["file"]
+        if not path.exists() or sha256_file(path) != entry["sha256"]:
+            raise InputError(f"dataset shard {path} is missing or does not match its checksum")
+        with np.load(path) as data:
+            parts.append({k: data[k] for k in data.files})
+    if not parts:
+        raise InputError(f"dataset in {directory} has no shards")
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def surrogate_geometry(config: DatasetConfig) -> Geometry:
+    """Grid of a sample (axis aligned, centred on the origin): for reading samples back as images."""
+    spacing = config.surrogate_spacing_mm
+    half = (config.grid - 1) / 2.0 * spacing
+    return Geometry((config.grid,) * 3, (spacing,) * 3, (-half, -half, -half))
