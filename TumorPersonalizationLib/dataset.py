@@ -4,7 +4,9 @@ Prior (the recipe of the published synthetic dataset, mapped onto the folded par
     D_WM ~ U[0.001, 10] mm^2/day,  rho ~ U[0.001, 1] /day,  visible-volume target V ~ U[1, 250] cm^3,
     T = min(100 days, time for a sphere growing at the Fisher front speed 2 sqrt(D rho) to reach V),
     mu_D = sqrt(D_WM T), mu_rho = sqrt(rho T)   (so mu_D <= 31.6 mm, mu_rho <= 10),
-    seed uniform over atlas voxels with WM+GM >= 0.5, the atlas mirrored left-right with probability 1/2.
+    seed uniform over atlas voxels with WM+GM >= 0.5, the atlas mirrored left-right with probability 1/2, and
+    with probability 1/2 the atlas as a hard label map (argmax of the fractions), since most patients' tissue
+    comes from segmentation tools as labels, not probabilities.
 A draw is kept when the simulated visible volume (c >= 0.25) lies in [1, 250] cm^3 (as in BraTS), otherwise it is
 replaced by the next draw of the same sample's random stream; the kept distribution is recorded in the manifest.
 
@@ -40,6 +42,7 @@ class Prior:
     visible_threshold: float = 0.25
     seed_min_brain_fraction: float = 0.5
     mirror_probability: float = 0.5
+    hard_label_probability: float = 0.5
     max_draws_per_sample: int = 50
 
 
@@ -100,15 +103,17 @@ class SampleMaker:
 
         self.config = config
         atlas = load_atlas(config.simulation_spacing_mm)
-        self.tissues = [atlas, atlas.mirrored_left_right()]
+        hard = Tissue.from_labelmap(atlas.volume(atlas.labelmap()))
+        # Index = mirrored + 2 * hard_labels.
+        self.tissues = [atlas, atlas.mirrored_left_right(), hard, hard.mirrored_left_right()]
         self.operators = [TissueOperator(t, device=device) for t in self.tissues]
         n = config.cube_mm / config.simulation_spacing_mm
         if abs(n - round(n)) > 1e-6:
             raise InputError(f"cube of {config.cube_mm} mm is not a whole number of {config.simulation_spacing_mm} mm "
                              f"voxels")
 
-    def candidate_seeds(self, mirrored: int) -> np.ndarray:
-        tissue = self.tissues[mirrored]
+    def candidate_seeds(self, variant: int) -> np.ndarray:
+        tissue = self.tissues[variant]
         return np.argwhere(tissue.brain_fraction >= self.config.prior.seed_min_brain_fraction)
 
     def make(self, index: int) -> Dict[str, np.ndarray]:
@@ -118,24 +123,26 @@ class SampleMaker:
         rng = np.random.default_rng([config.seed, index])
         for draw in range(prior.max_draws_per_sample):
             mirrored = int(rng.uniform() < prior.mirror_probability)
-            tissue = self.tissues[mirrored]
-            candidates = self.candidate_seeds(mirrored)
+            hard_labels = int(rng.uniform() < prior.hard_label_probability)
+            variant = mirrored + 2 * hard_labels
+            tissue = self.tissues[variant]
+            candidates = self.candidate_seeds(variant)
             seed_kji = candidates[rng.integers(len(candidates))] + rng.uniform(-0.5, 0.5, 3)
             seed_ras = tissue.geometry.index_kji_to_ras(seed_kji)
             physical = draw_physical(rng, prior)
             with torch.no_grad():
                 from .solver import simulate_tensor
 
-                c = simulate_tensor(self.operators[mirrored], [physical["mu_d_mm"]], [physical["mu_rho"]],
+                c = simulate_tensor(self.operators[variant], [physical["mu_d_mm"]], [physical["mu_rho"]],
                                     [seed_ras])[0].cpu().numpy()
             visible = tumor_volume_cm3(c, tissue.geometry.voxel_volume_mm3(), prior.visible_threshold)
             if prior.visible_volume_cm3[0] <= visible <= prior.visible_volume_cm3[1]:
                 break
         else:
             raise RuntimeError(f"sample {index}: no draw within the volume range after {prior.max_draws_per_sample}")
-        return self._crop(index, tissue, c, seed_ras, physical, visible, mirrored, draw)
+        return self._crop(index, tissue, c, seed_ras, physical, visible, mirrored, hard_labels, draw)
 
-    def _crop(self, index, tissue: Tissue, c, seed_ras, physical, visible, mirrored, draw):
+    def _crop(self, index, tissue: Tissue, c, seed_ras, physical, visible, mirrored, hard_labels, draw):
         config = self.config
         center_kji = _crop_center_kji(c)
         center_ras = tissue.geometry.index_kji_to_ras(center_kji)
@@ -157,6 +164,7 @@ class SampleMaker:
             "seed_ras_mm": np.asarray(seed_ras, np.float32),
             "crop_center_ras_mm": crop_center_ras.astype(np.float32),
             "mirrored": np.int8(mirrored),
+            "hard_labels": np.int8(hard_labels),
             "visible_volume_cm3": np.float32(visible),
             "draws": np.int16(draw + 1),
             "physical": np.asarray([physical[k] for k in ("d_wm_mm2_per_day", "rho_per_day", "days")], np.float32),
