@@ -63,12 +63,9 @@ def _check_device(name: str) -> str:
 
 
 def _check_output_path(path: Path) -> Path:
-    from .imageio import _image_suffix
+    from .imageio import check_writable_file
 
-    _image_suffix(path)
-    if path.exists() and path.is_dir():
-        raise InputError(f"output path is a directory: {path}")
-    return path
+    return check_writable_file(path)
 
 
 class _Progress:
@@ -121,6 +118,10 @@ def command_simulate(args) -> int:
     from .report import save_concentration_figure
 
     out = _check_output_path(Path(args.out))
+    if args.picture:
+        from .imageio import check_writable_file
+
+        check_writable_file(Path(args.picture), suffixes=(".png",))
     if args.spacing is not None and not 0.1 <= args.spacing <= 10:
         raise InputError(f"--spacing {args.spacing:g} mm is outside [0.1, 10] mm")
     device = _check_device(args.device)
@@ -154,9 +155,12 @@ def command_demo(args) -> int:
     from .parameters import GrowthParameters
     from .report import save_concentration_figure
 
+    from .imageio import check_writable_directory
+
     out_dir = Path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out-dir {out_dir} exists and is not a directory")
+    check_writable_directory(out_dir)
     tissue = load_atlas(args.atlas_mm)
     parameters = GrowthParameters(DEMO_SEED_RAS_MM, DEMO_MU_D_MM, DEMO_MU_RHO)
     print(f"demo: bundled MNI ICBM152 atlas ({tissue.geometry.describe()}), simulating mu_D = {parameters.mu_d_mm} mm,"
@@ -218,6 +222,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except InputError as error:
         message = " ".join(str(error).split())
         print(f"tumor-personalization: error: {message}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except OSError as error:
+        # Disk full, permissions changed mid-run: still one line, and the atomic writes left nothing partial.
+        print(f"tumor-personalization: error: {error.strerror or error}: {error.filename or ''}".rstrip(": "),
+              file=sys.stderr)
         return EXIT_INPUT_ERROR
     except KeyboardInterrupt:
         print("tumor-personalization: interrupted", file=sys.stderr)

@@ -15,7 +15,7 @@ from .errors import InputError
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Geometry:
     """Grid geometry of an image.
 
@@ -81,6 +81,7 @@ class Geometry:
         kk, jj, ii = np.meshgrid(*axes, indexing="ij")
         return self.index_kji_to_ras(np.stack([kk, jj, ii], axis=-1))
 
+    # Compared with same_grid (with a tolerance), never with ==: eq=False keeps identity semantics.
     def same_grid(self, other: "Geometry", tolerance_mm: float = 1e-3) -> bool:
         return (
             self.shape_kji == other.shape_kji
@@ -96,6 +97,8 @@ class Geometry:
     # ---- SimpleITK -------------------------------------------------------------------------------------------
     @classmethod
     def from_sitk(cls, image) -> "Geometry":
+        if image.GetDimension() != 3:
+            raise InputError(f"expected a 3-D image, got a {image.GetDimension()}-D one (size {image.GetSize()})")
         direction_lps = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
         origin_lps = np.asarray(image.GetOrigin(), dtype=np.float64)
         size_ijk = image.GetSize()

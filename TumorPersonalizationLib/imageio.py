@@ -34,10 +34,38 @@ def _make_temporary(path: Path, suffix: str) -> str:
 
 def _image_suffix(path: Path) -> str:
     name = path.name.lower()
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+    # Single-file formats only: .nhdr/.mhd write a second data file that could not be committed atomically.
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha"):
         if name.endswith(suffix):
             return suffix
     raise InputError(f"unsupported output format for {path}: use .nii.gz, .nii, .nrrd or .mha")
+
+
+def check_writable_file(path, suffixes=None) -> Path:
+    """Refuse, before any work, an output path that cannot be written: a directory, a parent that is a file or
+    not writable, or (for images) an unsupported format."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"output path is a directory: {path}")
+    if suffixes is None:
+        _image_suffix(path)
+    elif not path.name.lower().endswith(tuple(suffixes)):
+        raise InputError(f"unsupported output format for {path}: use {' or '.join(suffixes)}")
+    check_writable_directory(path.parent)
+    return path
+
+
+def check_writable_directory(directory) -> Path:
+    """The nearest existing ancestor must be a writable directory (the rest is created on writing)."""
+    directory = Path(directory)
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"cannot write into {directory}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write into {directory}: {existing} is not writable")
+    return directory
 
 
 def write_image(image, path) -> None:

@@ -76,3 +76,48 @@ class GrowthParameters:
                       days: float) -> "GrowthParameters":
         """From D_WM [mm^2/day], rho [1/day] and the tumor's age T [days]."""
         return cls(tuple(seed_ras_mm), float(np.sqrt(d_wm_mm2_per_day * days)), float(np.sqrt(rho_per_day * days)))
+
+
+@dataclass(frozen=True)
+class ParameterScaling:
+    """Maps (seed offset from the crop centre in mm, mu_D, mu_rho) to [-1, 1]^5 and back, for the networks.
+
+    The ranges are part of a trained model (stored in its model card): a network knows nothing outside them.
+    """
+
+    seed_offset_half_range_mm: float = 64.0
+    mu_d_mm_range: Tuple[float, float] = (0.0, 32.0)
+    mu_rho_range: Tuple[float, float] = (0.0, 10.0)
+
+    def normalise(self, seed_offset_mm, mu_d_mm, mu_rho):
+        """Arrays or tensors (..., 3), (...), (...) -> (..., 5) in [-1, 1] inside the ranges."""
+        seed = seed_offset_mm / self.seed_offset_half_range_mm
+        d = 2.0 * (mu_d_mm - self.mu_d_mm_range[0]) / (self.mu_d_mm_range[1] - self.mu_d_mm_range[0]) - 1.0
+        r = 2.0 * (mu_rho - self.mu_rho_range[0]) / (self.mu_rho_range[1] - self.mu_rho_range[0]) - 1.0
+        return _concat_last(seed, d[..., None], r[..., None])
+
+    def denormalise(self, normalised):
+        """(..., 5) -> (seed offset mm (..., 3), mu_D mm (...), mu_rho (...))."""
+        seed = normalised[..., :3] * self.seed_offset_half_range_mm
+        d = (normalised[..., 3] + 1.0) / 2.0 * (self.mu_d_mm_range[1] - self.mu_d_mm_range[0]) + self.mu_d_mm_range[0]
+        r = (normalised[..., 4] + 1.0) / 2.0 * (self.mu_rho_range[1] - self.mu_rho_range[0]) + self.mu_rho_range[0]
+        return seed, d, r
+
+    def to_dict(self) -> Dict:
+        return {"seed_offset_half_range_mm": self.seed_offset_half_range_mm,
+                "mu_d_mm_range": list(self.mu_d_mm_range), "mu_rho_range": list(self.mu_rho_range)}
+
+    @classmethod
+    def from_dict(cls, data: Dict) -> "ParameterScaling":
+        return cls(float(data["seed_offset_half_range_mm"]), tuple(data["mu_d_mm_range"]), tuple(data["mu_rho_range"]))
+
+
+def _concat_last(*parts):
+    try:
+        import torch
+
+        if torch.is_tensor(parts[0]):
+            return torch.cat(parts, dim=-1)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return np.concatenate(parts, axis=-1)

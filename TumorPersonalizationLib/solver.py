@@ -15,9 +15,10 @@ to (s^2 + s - 2) / 4 times the forward-Euler limit. Both halves are second order
 mu_D costs ~sqrt of the explicit number of stencil applications.
 
 Work: only a box around the seed that can hold tumor cells is computed. Its radius at time t is
-    2 mu_D mu_rho t + 6 mu_D / mu_rho + 12 mm
-(front travel + six front widths + margin; concentration at its faces < 1e-8, DESIGN.md), and it grows in phases
-as the tumor does, so early steps are cheap.
+    v t + 5.7 mm + 8 / lambda + 12 mm
+where v and lambda are the front speed and leading-edge decay rate on the grid (2 mu_D mu_rho and mu_rho / mu_D
+when the front is resolved; see lattice_front), 5.7 mm the radius of the initial condition. The box grows in phases
+as the tumor does, so early steps are cheap; the result equals the full-grid run to < 1e-5.
 
 Gradients with respect to mu_D, mu_rho and the seed flow by autograd (the seed enters through the smooth Gaussian of
 the initial condition); with gradients on, the time loop is checkpointed in segments so memory stays bounded.
@@ -102,8 +103,11 @@ def active_radius_mm(mu_d_mm: float, mu_rho: float, t: float, spacing_mm: float)
     speed, rate = lattice_front(mu_d_mm, mu_rho, spacing_mm)
     # Pure diffusion of the initial bump: 6 standard deviations of a variance 10 + 2 D t mm^2 Gaussian.
     diffusive = 6.0 * math.sqrt(10.0 + 2.0 * mu_d_mm ** 2 * t)
-    radius = speed * t + min(6.0 / rate, diffusive + speed * t) + 12.0
-    return max(radius, INITIAL_RADIUS_MM + 12.0)
+    # Without growth (rate = inf) there is no front, only the spreading bump. A pulled front feels a cut-off of its
+    # leading edge (it slows down, Brunet & Derrida 1997), and proliferation amplifies what a too-small early box
+    # removed, so the margin is generous: the initial bump's radius, 8 decay lengths and 12 mm.
+    tail = min(8.0 / rate, diffusive + speed * t) if math.isfinite(rate) else diffusive
+    return speed * t + INITIAL_RADIUS_MM + tail + 12.0
 
 
 class TissueOperator:
@@ -227,9 +231,10 @@ def _index_box(geometry, center_ras, radius_mm, shape) -> List[Tuple[int, int]]:
     box = []
     for axis in range(3):
         half = radius_mm / geometry.spacing_kji_mm[axis]
-        lo = int(max(0, math.floor(center[axis] - half)))
-        hi = int(min(shape[axis], math.ceil(center[axis] + half) + 1))
-        box.append((lo, max(hi, lo + 1)))
+        # Clipped to the grid, also for a seed outside it (an optimiser may go there): c0 is then just 0.
+        lo = int(min(max(0, math.floor(center[axis] - half)), shape[axis] - 1))
+        hi = int(max(min(shape[axis], math.ceil(center[axis] + half) + 1), lo + 1))
+        box.append((lo, hi))
     return box
 
 

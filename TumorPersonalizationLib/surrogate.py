@@ -1,0 +1,132 @@
+"""Neural surrogate of the FD solver: a ConvNeXt-block 3-D U-Net.
+
+Input: the tissue crop (WM, GM, CSF fractions) on the surrogate grid; the normalised parameters (seed offset,
+mu_D, mu_rho; see parameters.ParameterScaling) pass through a small MLP and are added channel-wise at the
+bottleneck. Output: the tumor-cell concentration on the same grid (sigmoid). The grid and the widths are
+configuration, so the same code trains the CPU-sized model here and the 128^3 model of the published work on a GPU.
+"""
+from dataclasses import asdict, dataclass
+from typing import Dict, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class SurrogateConfig:
+    grid: int = 32
+    in_channels: int = 3
+    widths: Tuple[int, ...] = (16, 32, 64, 96)
+    blocks_per_level: int = 1
+    kernel_size: int = 3
+    parameters: int = 5
+
+    def to_dict(self) -> Dict:
+        out = asdict(self)
+        out["widths"] = list(self.widths)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Dict) -> "SurrogateConfig":
+        data = dict(data)
+        data["widths"] = tuple(data["widths"])
+        return cls(**data)
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channel axis of a (B, C, D, H, W) tensor, as ConvNeXt normalises each position."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x):
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return x * self.weight.view(1, -1, 1, 1, 1) + self.bias.view(1, -1, 1, 1, 1)
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise k^3 conv, channel LayerNorm, 1x1x1 expansion x4, GELU, projection, layer scale, residual."""
+
+    def __init__(self, channels: int, kernel_size: int = 3, layer_scale: float = 1e-2):
+        super().__init__()
+        self.depthwise = nn.Conv3d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)
+        self.norm = ChannelLayerNorm(channels)
+        self.expand = nn.Conv3d(channels, 4 * channels, 1)
+        self.project = nn.Conv3d(4 * channels, channels, 1)
+        self.scale = nn.Parameter(torch.full((1, channels, 1, 1, 1), layer_scale))
+
+    def forward(self, x):
+        y = self.project(F.gelu(self.expand(self.norm(self.depthwise(x)))))
+        return x + self.scale * y
+
+
+def _stage(channels: int, blocks: int, kernel_size: int) -> nn.Sequential:
+    return nn.Sequential(*[ConvNeXtBlock(channels, kernel_size) for _ in range(blocks)])
+
+
+class ConvNeXtEncoder(nn.Module):
+    """Stem + levels of ConvNeXt blocks, each followed by a stride-2 downsampling (not after the last)."""
+
+    def __init__(self, in_channels: int, widths: Sequence[int], blocks: int, kernel_size: int):
+        super().__init__()
+        self.stem = nn.Conv3d(in_channels, widths[0], 3, padding=1)
+        self.stages = nn.ModuleList([_stage(w, blocks, kernel_size) for w in widths])
+        self.downsample = nn.ModuleList([
+            nn.Sequential(ChannelLayerNorm(a), nn.Conv3d(a, b, 2, stride=2)) for a, b in zip(widths[:-1], widths[1:])])
+
+    def forward(self, x):
+        skips = []
+        x = self.stem(x)
+        for level, stage in enumerate(self.stages):
+            x = stage(x)
+            if level < len(self.downsample):
+                skips.append(x)
+                x = self.downsample[level](x)
+        return x, skips
+
+
+class SurrogateUNet(nn.Module):
+    def __init__(self, config: SurrogateConfig = SurrogateConfig()):
+        super().__init__()
+        if config.grid % 2 ** (len(config.widths) - 1):
+            raise ValueError(f"grid {config.grid} must be divisible by {2 ** (len(config.widths) - 1)}")
+        self.config = config
+        widths = config.widths
+        self.encoder = ConvNeXtEncoder(config.in_channels, widths, config.blocks_per_level, config.kernel_size)
+        bottleneck = widths[-1]
+        self.parameter_mlp = nn.Sequential(nn.Linear(config.parameters, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(),
+                                           nn.Linear(64, bottleneck))
+        self.bottleneck = _stage(bottleneck, config.blocks_per_level, config.kernel_size)
+        self.upsample = nn.ModuleList([nn.ConvTranspose3d(b, a, 2, stride=2)
+                                       for a, b in zip(widths[:-1], widths[1:])])
+        self.merge = nn.ModuleList([nn.Conv3d(2 * a, a, 1) for a in widths[:-1]])
+        self.decoder = nn.ModuleList([_stage(a, config.blocks_per_level, config.kernel_size) for a in widths[:-1]])
+        self.head = nn.Conv3d(widths[0], 1, 1)
+
+    def forward(self, tissue: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
+        """tissue (B, 3, G, G, G), normalised parameters (B, 5) -> concentration (B, G, G, G) in (0, 1)."""
+        x, skips = self.encoder(tissue)
+        x = x + self.parameter_mlp(parameters)[:, :, None, None, None]
+        x = self.bottleneck(x)
+        for level in reversed(range(len(self.upsample))):
+            x = self.upsample[level](x)
+            x = self.merge[level](torch.cat([x, skips[level]], dim=1))
+            x = self.decoder[level](x)
+        return torch.sigmoid(self.head(x))[:, 0]
+
+
+def brain_mask_from_tissue(tissue: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+    """(B, 3, ...) WM/GM/CSF -> (B, ...) float mask of voxels that can hold tumor (WM+GM >= threshold)."""
+    return ((tissue[:, 0] + tissue[:, 1]) >= threshold).to(tissue.dtype)
+
+
+def masked_mse(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over brain voxels, averaged per sample then over the batch."""
+    per_sample = ((predicted - target) ** 2 * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp(min=1.0)
+    return per_sample.mean()
