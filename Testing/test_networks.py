@@ -1,0 +1,109 @@
+"""Surrogate and inverse networks, parameter scaling, model registry and the training loop (tiny sizes)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from test_dataset import small_config
+from TumorPersonalizationLib import InputError
+from TumorPersonalizationLib.dataset import generate
+from TumorPersonalizationLib.inverse import InverseConfig, InverseNet
+from TumorPersonalizationLib.parameters import ParameterScaling
+from TumorPersonalizationLib.registry import load_model, save_model
+from TumorPersonalizationLib.surrogate import SurrogateConfig, SurrogateUNet, masked_mse
+from TumorPersonalizationLib.training import train
+
+TINY = {"grid": 16, "in_channels": 3, "widths": [4, 8, 8], "blocks_per_level": 1, "kernel_size": 3, "parameters": 5}
+
+
+def test_shapes_and_output_range():
+    torch.manual_seed(0)
+    surrogate = SurrogateUNet(SurrogateConfig.from_dict(TINY))
+    with torch.no_grad():
+        c = surrogate(torch.rand(2, 3, 16, 16, 16), torch.rand(2, 5) * 2 - 1)
+    assert c.shape == (2, 16, 16, 16) and float(c.min()) > 0 and float(c.max()) < 1
+    inverse = InverseNet(InverseConfig.from_dict(dict(TINY, in_channels=4)))
+    with torch.no_grad():
+        p = inverse(torch.rand(2, 3, 16, 16, 16), torch.rand(2, 16, 16, 16))
+    assert p.shape == (2, 5) and float(p.abs().max()) < 1
+    with pytest.raises(ValueError, match="divisible"):
+        SurrogateUNet(SurrogateConfig.from_dict(dict(TINY, grid=18)))
+
+
+def test_parameter_scaling_round_trip_numpy_and_torch():
+    scaling = ParameterScaling(64.0, (0.0, 32.0), (0.0, 10.0))
+    rng = np.random.default_rng(0)
+    seed, d, r = rng.uniform(-60, 60, (7, 3)), rng.uniform(1, 31, 7), rng.uniform(0.5, 9.5, 7)
+    normalised = scaling.normalise(seed, d, r)
+    assert normalised.shape == (7, 5) and np.all(np.abs(normalised) <= 1)
+    back = scaling.denormalise(normalised)
+    for a, b in zip(back, (seed, d, r)):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    tensor = scaling.normalise(torch.tensor(seed), torch.tensor(d), torch.tensor(r))
+    np.testing.assert_allclose(tensor.numpy(), normalised)
+    assert ParameterScaling.from_dict(scaling.to_dict()) == scaling
+    np.testing.assert_allclose(scaling.normalise(np.zeros(3), np.array(16.0), np.array(5.0)), [0, 0, 0, 0, 0])
+
+
+def test_surrogate_is_differentiable_in_its_parameters():
+    torch.manual_seed(1)
+    model = SurrogateUNet(SurrogateConfig.from_dict(TINY)).double().eval()
+    tissue = torch.rand(1, 3, 16, 16, 16, dtype=torch.float64)
+    target = torch.rand(1, 16, 16, 16, dtype=torch.float64)
+    mask = torch.ones_like(target)
+    x = torch.tensor([[0.1, -0.2, 0.3, 0.0, -0.4]], dtype=torch.float64, requires_grad=True)
+    (gradient,) = torch.autograd.grad(masked_mse(model(tissue, x), target, mask), x)
+    assert float(gradient.abs().max()) > 0
+    for n in range(5):
+        step = torch.zeros_like(x)
+        step[0, n] = 1e-6
+        with torch.no_grad():
+            numeric = (masked_mse(model(tissue, x + step), target, mask)
+                       - masked_mse(model(tissue, x - step), target, mask)) / 2e-6
+        assert float(gradient[0, n]) == pytest.approx(float(numeric), rel=1e-4, abs=1e-12)
+
+
+def test_registry_round_trip_and_refusals(tmp_path):
+    torch.manual_seed(2)
+    model = SurrogateUNet(SurrogateConfig.from_dict(TINY))
+    card = {"name": "tiny", "kind": "surrogate", "config": TINY}
+    weights, card_path = save_model(model, card, "tiny", tmp_path)
+    loaded, loaded_card = load_model("tiny", kind="surrogate", grid=16, directory=tmp_path)
+    x, p = torch.rand(1, 3, 16, 16, 16), torch.rand(1, 5)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, p), model.eval()(x, p))
+    assert loaded_card["sha256"] == json.loads(card_path.read_text())["sha256"]
+    with pytest.raises(InputError, match="trained on a 16\\^3 grid, not 32"):
+        load_model("tiny", grid=32, directory=tmp_path)
+    with pytest.raises(InputError, match="not 'inverse'"):
+        load_model("tiny", kind="inverse", directory=tmp_path)
+    corrupted = bytearray(weights.read_bytes())
+    corrupted[len(corrupted) // 2] ^= 0xFF
+    weights.write_bytes(bytes(corrupted))
+    with pytest.raises(InputError, match=r"tiny\.pt is corrupt"):
+        load_model("tiny", directory=tmp_path)
+    weights.unlink()
+    with pytest.raises(InputError, match=r"weights file not found: .*tiny\.pt"):
+        load_model("tiny", directory=tmp_path)
+    with pytest.raises(InputError, match="model card not found"):
+        load_model("absent", directory=tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["surrogate", "inverse"])
+def test_training_resumes_and_writes_a_model_card(tmp_path, kind):
+    data = tmp_path / "data"
+    generate(small_config(samples=6, shard_size=3), data, local=True)
+    config = TINY if kind == "surrogate" else dict(TINY, in_channels=4)
+    recipe = {"name": f"tiny_{kind}", "kind": kind, "config": config, "train_data": str(data),
+              "test_data": str(data), "epochs": 3, "batch_size": 2, "learning_rate": 0.003, "patience": 10,
+              "validation_fraction": 0.34, "seed": 0}
+    models = tmp_path / "models"
+    first = train(recipe, tmp_path / "run", models_directory=models, max_epochs=1)
+    assert first == {"finished": False, "epoch": 1} and (tmp_path / "run" / "loss.png").exists()
+    card = train(recipe, tmp_path / "run", models_directory=models)
+    assert card["epochs"] == 3 and len(card["history"]) == 3
+    key = "ncc" if kind == "surrogate" else "seed_error_mm"
+    assert card["held_out_metrics"]["samples"] == 6 and np.isfinite(card["held_out_metrics"][key]["mean"])
+    model, loaded = load_model(recipe["name"], kind=kind, grid=16, directory=models)
+    assert loaded["training_data"]["samples"] == 6

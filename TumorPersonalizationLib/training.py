@@ -1,0 +1,221 @@
+"""Training of the surrogate and the direct inverse network from a JSON recipe: plain PyTorch, CPU or CUDA.
+
+Resumable (a checkpoint after every epoch holds model, optimiser, schedule, history, best weights and RNG states),
+fixed seeds, a validation split, early stopping, a progress bar and a loss-curve plot; at the end the best weights
+and their model card go to Resources/Models through the registry.
+"""
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+
+from .dataset import load_dataset
+from .errors import InputError
+from .metrics import ncc
+from .parameters import ParameterScaling
+from .surrogate import brain_mask_from_tissue, masked_mse
+
+
+def read_recipe(path) -> Dict:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"recipe not found: {path}")
+    recipe = json.loads(path.read_text())
+    for key in ("name", "kind", "config", "train_data", "epochs", "batch_size", "learning_rate"):
+        if key not in recipe:
+            raise InputError(f"recipe {path} lacks '{key}'")
+    return recipe
+
+
+def to_tensors(data: Dict[str, np.ndarray], scaling: ParameterScaling) -> Dict[str, torch.Tensor]:
+    tissue = torch.as_tensor(data["tissue"].astype(np.float32))
+    concentration = torch.as_tensor(data["concentration"].astype(np.float32))
+    parameters = scaling.normalise(torch.as_tensor(data["seed_offset_mm"], dtype=torch.float32),
+                                   torch.as_tensor(data["mu_d_mm"], dtype=torch.float32),
+                                   torch.as_tensor(data["mu_rho"], dtype=torch.float32))
+    return {"tissue": tissue, "concentration": concentration, "parameters": parameters,
+            "mask": brain_mask_from_tissue(tissue)}
+
+
+def batch_loss(kind: str, model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    if kind == "surrogate":
+        return masked_mse(model(batch["tissue"], batch["parameters"]), batch["concentration"], batch["mask"])
+    return torch.mean((model(batch["tissue"], batch["concentration"]) - batch["parameters"]) ** 2)
+
+
+def _batches(tensors, indices, batch_size, device):
+    for start in range(0, len(indices), batch_size):
+        chosen = indices[start:start + batch_size]
+        yield {k: v[chosen].to(device) for k, v in tensors.items()}
+
+
+def evaluate_surrogate(model, tensors, device="cpu", batch_size=8) -> Dict:
+    """Per-sample metrics inside the brain: MSE, MAE, tumor-normalised MSE/MAE, NCC; mean, s.e. and worst 5 %."""
+    rows = []
+    model.eval()
+    with torch.no_grad():
+        for batch in _batches(tensors, torch.arange(len(tensors["tissue"])), batch_size, device):
+            predicted = model(batch["tissue"], batch["parameters"]).cpu().numpy()
+            for p, t, m in zip(predicted, batch["concentration"].cpu().numpy(), batch["mask"].cpu().numpy() > 0):
+                d = p[m] - t[m]
+                size = max(float(t[m].sum()), 1e-12)
+                rows.append({"mse": float(np.mean(d ** 2)), "mae": float(np.mean(np.abs(d))),
+                             "mse_normalised": float(np.sum(d ** 2) / size),
+                             "mae_normalised": float(np.sum(np.abs(d)) / size), "ncc": ncc(p[m], t[m])})
+    return summarise(rows, worst_is_low={"ncc"})
+
+
+def evaluate_inverse(model, tensors, scaling: ParameterScaling, device="cpu", batch_size=8) -> Dict:
+    rows = []
+    model.eval()
+    with torch.no_grad():
+        for batch in _batches(tensors, torch.arange(len(tensors["tissue"])), batch_size, device):
+            seed_p, d_p, r_p = scaling.denormalise(model(batch["tissue"], batch["concentration"]).cpu())
+            seed_t, d_t, r_t = scaling.denormalise(batch["parameters"].cpu())
+            for n in range(len(d_p)):
+                rows.append({"mu_d_relative_error": float(abs(d_p[n] - d_t[n]) / d_t[n]),
+                             "mu_rho_relative_error": float(abs(r_p[n] - r_t[n]) / r_t[n]),
+                             "seed_error_mm": float(torch.linalg.norm(seed_p[n] - seed_t[n]))})
+    return summarise(rows, worst_is_low=set())
+
+
+def summarise(rows, worst_is_low) -> Dict:
+    out = {"samples": len(rows)}
+    for key in rows[0]:
+        values = np.asarray([r[key] for r in rows])
+        worst = np.sort(values)[: max(1, len(values) // 20)] if key in worst_is_low else \
+            np.sort(values)[-max(1, len(values) // 20):]
+        out[key] = {"mean": float(values.mean()), "standard_error": float(values.std(ddof=1) / math.sqrt(len(values)))
+                    if len(values) > 1 else 0.0, "median": float(np.median(values)),
+                    "worst_5_percent_mean": float(worst.mean())}
+    return out
+
+
+def build(recipe: Dict):
+    from .registry import _build
+
+    return _build(recipe["kind"], recipe["config"])
+
+
+def train(recipe: Dict, work_dir, device="cpu", progress: Optional[Callable[[str], None]] = None,
+          models_directory: Optional[Path] = None, max_epochs: Optional[int] = None) -> Dict:
+    """Train (or resume) per recipe; returns the model card written to the registry."""
+    from tqdm import tqdm
+
+    from .registry import save_model
+
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(recipe.get("seed", 0))
+    scaling = ParameterScaling.from_dict(recipe.get("scaling", ParameterScaling().to_dict()))
+    data = load_dataset(recipe["train_data"])
+    grid = int(recipe["config"]["grid"])
+    if data["tissue"].shape[-1] != grid:
+        raise InputError(f"dataset {recipe['train_data']} has grid {data['tissue'].shape[-1]}, recipe wants {grid}")
+    tensors = to_tensors(data, scaling)
+    count = len(tensors["tissue"])
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(recipe.get("seed", 0)))
+    validation_count = max(1, int(round(count * recipe.get("validation_fraction", 0.1))))
+    validation, training = order[:validation_count], order[validation_count:]
+
+    model = build(recipe).to(device)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=recipe["learning_rate"],
+                                  weight_decay=recipe.get("weight_decay", 1e-4))
+    epochs = int(recipe["epochs"])
+    steps_per_epoch = math.ceil(len(training) / recipe["batch_size"])
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=recipe["learning_rate"],
+                                                   total_steps=epochs * steps_per_epoch, pct_start=0.1)
+    state = {"epoch": 0, "history": [], "best_loss": math.inf, "best_state": None, "wall_s": 0.0, "stale": 0}
+    checkpoint_path = work_dir / "checkpoint.pt"
+    if checkpoint_path.exists():
+        saved = torch.load(checkpoint_path, map_location=device, weights_only=False)  # our own file, in work_dir
+        model.load_state_dict(saved["model"])
+        optimiser.load_state_dict(saved["optimiser"])
+        schedule.load_state_dict(saved["schedule"])
+        torch.set_rng_state(saved["rng"])
+        state = saved["state"]
+    patience = int(recipe.get("patience", 8))
+    last_epoch = epochs if max_epochs is None else min(epochs, state["epoch"] + max_epochs)
+    while state["epoch"] < last_epoch and state["stale"] < patience:
+        started = time.perf_counter()
+        model.train()
+        shuffled = training[torch.randperm(len(training))]
+        losses = []
+        bar = tqdm(_batches(tensors, shuffled, recipe["batch_size"], device), total=steps_per_epoch,
+                   desc=f"epoch {state['epoch'] + 1}/{epochs}", leave=False)
+        for batch in bar:
+            optimiser.zero_grad(set_to_none=True)
+            loss = batch_loss(recipe["kind"], model, batch)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.2e}")
+        model.eval()
+        with torch.no_grad():
+            validation_losses = [float(batch_loss(recipe["kind"], model, b)) * len(b["tissue"])
+                                 for b in _batches(tensors, validation, recipe["batch_size"], device)]
+        validation_loss = sum(validation_losses) / len(validation)
+        state["epoch"] += 1
+        state["wall_s"] += time.perf_counter() - started
+        state["history"].append({"epoch": state["epoch"], "train_loss": float(np.mean(losses)),
+                                 "validation_loss": validation_loss, "wall_s": state["wall_s"]})
+        if validation_loss < state["best_loss"]:
+            state.update(best_loss=validation_loss, stale=0,
+                         best_state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        else:
+            state["stale"] += 1
+        torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
+                    "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "state": state},
+                   work_dir / "checkpoint.tmp")
+        (work_dir / "checkpoint.tmp").replace(checkpoint_path)
+        plot_history(state["history"], work_dir / "loss.png", recipe["name"])
+        if progress:
+            progress(f"epoch {state['epoch']}: train {np.mean(losses):.3e}, validation {validation_loss:.3e}, "
+                     f"{state['wall_s']:.0f} s")
+    if state["epoch"] < epochs and state["stale"] < patience:
+        return {"finished": False, "epoch": state["epoch"]}
+
+    model.load_state_dict(state["best_state"])
+    metrics = {}
+    if recipe.get("test_data"):
+        test = to_tensors(load_dataset(recipe["test_data"]), scaling)
+        metrics = (evaluate_surrogate(model, test, device) if recipe["kind"] == "surrogate"
+                   else evaluate_inverse(model, test, scaling, device))
+    manifest = json.loads((Path(recipe["train_data"]) / "manifest.json").read_text())
+    card = {
+        "name": recipe["name"], "kind": recipe["kind"], "config": recipe["config"],
+        "grid": grid, "spacing_mm": manifest["surrogate_geometry"]["spacing_mm"],
+        "cube_mm": manifest["surrogate_geometry"]["cube_mm"], "scaling": scaling.to_dict(),
+        "training_data": {"path": recipe["train_data"], "manifest_sha256": manifest["sha256"],
+                          "samples": manifest["samples"], "config": manifest["config"]},
+        "test_data": recipe.get("test_data"), "recipe": recipe, "epochs": state["epoch"],
+        "stopped_early": state["stale"] >= patience, "wall_time_s": round(state["wall_s"], 1),
+        "device": str(device), "torch": torch.__version__, "held_out_metrics": metrics,
+        "history": state["history"],
+    }
+    save_model(model, card, recipe["name"], models_directory)
+    return card
+
+
+def plot_history(history, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.semilogy(epochs, [h["train_loss"] for h in history], label="training")
+    axis.semilogy(epochs, [h["validation_loss"] for h in history], label="validation")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("loss")
+    axis.set_title(title)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
