@@ -107,3 +107,33 @@ def test_training_resumes_and_writes_a_model_card(tmp_path, kind):
     assert card["held_out_metrics"]["samples"] == 6 and np.isfinite(card["held_out_metrics"][key]["mean"])
     model, loaded = load_model(recipe["name"], kind=kind, grid=16, directory=models)
     assert loaded["training_data"]["samples"] == 6
+
+
+def reproduce_check_samples(name, directory=None):
+    """Recompute a model's metrics on the held-out samples stored beside it; return (recomputed, card's)."""
+    from pathlib import Path
+
+    from TumorPersonalizationLib.registry import models_dir
+    from TumorPersonalizationLib.training import evaluate_inverse, evaluate_surrogate, to_tensors
+
+    model, card = load_model(name, directory=directory)
+    directory = Path(directory) if directory is not None else models_dir()
+    with np.load(directory / card["check_samples"]["file"]) as stored:
+        arrays = {k: stored[k] for k in stored.files}
+    scaling = ParameterScaling.from_dict(card["scaling"])
+    tensors = to_tensors(arrays, scaling)
+    metrics = (evaluate_surrogate(model, tensors) if card["kind"] == "surrogate"
+               else evaluate_inverse(model, tensors, scaling))
+    return {k: v["mean"] for k, v in metrics.items() if isinstance(v, dict)}, card["check_samples"]["metrics"]
+
+
+def test_trained_model_reproduces_its_card_on_stored_samples(tmp_path):
+    data = tmp_path / "data"
+    generate(small_config(samples=5, shard_size=5), data, local=True)
+    recipe = {"name": "tiny_check", "kind": "surrogate", "config": TINY, "train_data": str(data),
+              "test_data": str(data), "epochs": 1, "batch_size": 2, "learning_rate": 0.003, "seed": 0}
+    train(recipe, tmp_path / "run", models_directory=tmp_path / "models")
+    recomputed, stored = reproduce_check_samples("tiny_check", tmp_path / "models")
+    assert set(recomputed) == set(stored) and "ncc" in stored
+    for key in stored:
+        assert recomputed[key] == pytest.approx(stored[key], rel=1e-5, abs=1e-9)

@@ -181,11 +181,13 @@ def train(recipe: Dict, work_dir, device="cpu", progress: Optional[Callable[[str
         return {"finished": False, "epoch": state["epoch"]}
 
     model.load_state_dict(state["best_state"])
-    metrics = {}
+    metrics, check = {}, {}
     if recipe.get("test_data"):
-        test = to_tensors(load_dataset(recipe["test_data"]), scaling)
+        test_arrays = load_dataset(recipe["test_data"])
+        test = to_tensors(test_arrays, scaling)
         metrics = (evaluate_surrogate(model, test, device) if recipe["kind"] == "surrogate"
                    else evaluate_inverse(model, test, scaling, device))
+        check = _write_check_samples(model, recipe, test_arrays, scaling, device, models_directory)
     manifest = json.loads((Path(recipe["train_data"]) / "manifest.json").read_text())
     card = {
         "name": recipe["name"], "kind": recipe["kind"], "config": recipe["config"],
@@ -196,10 +198,35 @@ def train(recipe: Dict, work_dir, device="cpu", progress: Optional[Callable[[str
         "test_data": recipe.get("test_data"), "recipe": recipe, "epochs": state["epoch"],
         "stopped_early": state["stale"] >= patience, "wall_time_s": round(state["wall_s"], 1),
         "device": str(device), "torch": torch.__version__, "held_out_metrics": metrics,
-        "history": state["history"],
+        "history": state["history"], "check_samples": check,
     }
     save_model(model, card, recipe["name"], models_directory)
     return card
+
+
+CHECK_SAMPLES = 4
+
+
+def _write_check_samples(model, recipe, arrays, scaling, device, models_directory) -> Dict:
+    """A few held-out samples stored beside the weights, with the model's metrics on them: a test can then show
+    that the bundled weights still reproduce their card."""
+    import io
+
+    from .imageio import atomic_write_bytes
+    from .registry import models_dir
+
+    subset = {k: v[:CHECK_SAMPLES] for k, v in arrays.items()}
+    tensors = to_tensors(subset, scaling)
+    metrics = (evaluate_surrogate(model, tensors, device) if recipe["kind"] == "surrogate"
+               else evaluate_inverse(model, tensors, scaling, device))
+    directory = Path(models_directory) if models_directory is not None else models_dir()
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **{k: subset[k] for k in ("tissue", "concentration", "seed_offset_mm", "mu_d_mm",
+                                                          "mu_rho")})
+    name = f"{recipe['name']}_check.npz"
+    atomic_write_bytes(directory / name, buffer.getvalue())
+    return {"file": name, "samples": CHECK_SAMPLES,
+            "metrics": {k: v["mean"] for k, v in metrics.items() if isinstance(v, dict)}}
 
 
 def plot_history(history, path, title):
