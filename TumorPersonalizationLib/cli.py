@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-import numpy as np
 
 from .errors import InputError
 

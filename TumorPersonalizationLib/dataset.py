@@ -27,6 +27,7 @@ import numpy as np
 
 from .errors import InputError
 from .geometry import Geometry
+from .imageio import sha256_file
 from .metrics import tumor_volume_cm3
 from .tissue import Tissue, crop_with_padding, cube_box_kji, resample_fraction
 
@@ -177,14 +178,6 @@ def _stack(samples: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
 
 def shard_path(directory: Path, shard: int) -> Path:
     return Path(directory) / f"shard_{shard:05d}.npz"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def make_shard(config_dict: Dict, directory: str, shard: int, device: str = "cpu") -> Dict:

@@ -1,4 +1,5 @@
-"""Reading and writing images with SimpleITK, with clear errors and no half-written files."""
+"""Reading and writing images with SimpleITK, with clear errors and no half-written files; file checksums."""
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -97,3 +98,11 @@ def atomic_write_bytes(path, data: bytes) -> None:
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+def sha256_file(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

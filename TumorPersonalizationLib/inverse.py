@@ -1,32 +1,15 @@
 """Direct inverse network: tissue + observed tumor -> normalised growth parameters (the start of the inversion)."""
-from dataclasses import asdict, dataclass
-from typing import Dict, Tuple
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from .surrogate import ChannelLayerNorm, ConvNeXtEncoder
+from .surrogate import ChannelLayerNorm, ConvNeXtEncoder, NetworkConfig
 
 
 @dataclass(frozen=True)
-class InverseConfig:
-    grid: int = 32
+class InverseConfig(NetworkConfig):
     in_channels: int = 4  # WM, GM, CSF, tumor concentration
-    widths: Tuple[int, ...] = (16, 32, 64, 96)
-    blocks_per_level: int = 1
-    kernel_size: int = 3
-    parameters: int = 5
-
-    def to_dict(self) -> Dict:
-        out = asdict(self)
-        out["widths"] = list(self.widths)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Dict) -> "InverseConfig":
-        data = dict(data)
-        data["widths"] = tuple(data["widths"])
-        return cls(**data)
 
 
 class InverseNet(nn.Module):

@@ -5,26 +5,18 @@ grid, spacing, parameter scaling, training data manifest hash, epochs, wall time
 sha256). Loading checks the checksum before torch.load(weights_only=True) reads a byte, so a corrupt, truncated or
 substituted file is refused with a message that names it.
 """
-import hashlib
 import json
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 from .errors import InputError
+from .imageio import sha256_file
 
 
 def models_dir() -> Path:
     from .atlas import resources_dir
 
     return resources_dir() / "Models"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _build(kind: str, config: Dict):
@@ -52,7 +44,7 @@ def save_model(model, card: Dict, name: str, directory: Optional[Path] = None) -
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
     atomic_write_bytes(weights_path, buffer.getvalue())
-    card = dict(card, weights_file=weights_path.name, sha256=sha256_of(weights_path))
+    card = dict(card, weights_file=weights_path.name, sha256=sha256_file(weights_path))
     atomic_write_bytes(card_path, (json.dumps(card, indent=2) + "\n").encode())
     return weights_path, card_path
 
@@ -83,7 +75,7 @@ def load_model(name: str, kind: Optional[str] = None, grid: Optional[int] = None
     weights_path = directory / card.get("weights_file", f"{name}.pt")
     if not weights_path.exists():
         raise InputError(f"weights file not found: {weights_path} (train it with scripts/train.py)")
-    actual = sha256_of(weights_path)
+    actual = sha256_file(weights_path)
     if actual != card.get("sha256"):
         raise InputError(f"weights file {weights_path} is corrupt or was replaced: sha256 {actual[:12]}... does not "
                          f"match the model card's {str(card.get('sha256'))[:12]}...")

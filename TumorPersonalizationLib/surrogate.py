@@ -14,7 +14,9 @@ import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
-class SurrogateConfig:
+class NetworkConfig:
+    """Shape of a network: surrogate grid, input channels, widths per level, blocks per level, kernel size."""
+
     grid: int = 32
     in_channels: int = 3
     widths: Tuple[int, ...] = (16, 32, 64, 96)
@@ -28,10 +30,15 @@ class SurrogateConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: Dict) -> "SurrogateConfig":
+    def from_dict(cls, data: Dict):
         data = dict(data)
         data["widths"] = tuple(data["widths"])
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class SurrogateConfig(NetworkConfig):
+    """Surrogate input: WM, GM, CSF."""
 
 
 class ChannelLayerNorm(nn.Module):

@@ -34,7 +34,7 @@ class TissueLabels:
                              f"WM={self.wm}")
 
 
-ImageLike = Union[str, Path, Volume, "SimpleITK.Image"]  # noqa: F821
+ImageLike = Union[str, Path, Volume, "SimpleITK.Image"]  # noqa: F821 (a string: no import at module level)
 
 
 def _as_volume(image: ImageLike) -> Volume:
