@@ -5,7 +5,7 @@ same ``Tissue``: three float32 fraction arrays in (k, j, i) order plus a ``Geome
 """
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -34,7 +34,7 @@ class TissueLabels:
                              f"WM={self.wm}")
 
 
-ImageLike = Union[str, Path, Volume, "SimpleITK.Image"]  # noqa: F821 (a string: no import at module level)
+ImageLike = Union[str, Path, Volume, Any]  # Any: a SimpleITK.Image (not imported at module level)
 
 
 def _as_volume(image: ImageLike) -> Volume:
