@@ -118,6 +118,10 @@ class SurrogateUNet(nn.Module):
 
     def forward(self, tissue: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
         """tissue (B, 3, G, G, G), normalised parameters (B, 5) -> concentration (B, G, G, G) in (0, 1)."""
+        return torch.sigmoid(self.logits(tissue, parameters))
+
+    def logits(self, tissue: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
+        """The concentration before the sigmoid (what the training loss sees, so it never saturates)."""
         x, skips = self.encoder(tissue)
         x = x + self.parameter_mlp(parameters)[:, :, None, None, None]
         x = self.bottleneck(x)
@@ -125,7 +129,7 @@ class SurrogateUNet(nn.Module):
             x = self.upsample[level](x)
             x = self.merge[level](torch.cat([x, skips[level]], dim=1))
             x = self.decoder[level](x)
-        return torch.sigmoid(self.head(x))[:, 0]
+        return self.head(x)[:, 0]
 
 
 def brain_mask_from_tissue(tissue: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
@@ -136,4 +140,13 @@ def brain_mask_from_tissue(tissue: torch.Tensor, threshold: float = 0.1) -> torc
 def masked_mse(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error over brain voxels, averaged per sample then over the batch."""
     per_sample = ((predicted - target) ** 2 * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp(min=1.0)
+    return per_sample.mean()
+
+
+def masked_bce_with_logits(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy against concentrations in [0, 1], over brain voxels. Unlike MSE after a sigmoid, its
+    gradient (sigmoid(logit) - c) does not vanish where the output saturates, so the network cannot get stuck
+    predicting 'no tumor' on the mostly empty crops."""
+    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    per_sample = (loss * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp(min=1.0)
     return per_sample.mean()

@@ -17,7 +17,7 @@ from .dataset import load_dataset
 from .errors import InputError
 from .metrics import ncc
 from .parameters import ParameterScaling
-from .surrogate import brain_mask_from_tissue, masked_mse
+from .surrogate import brain_mask_from_tissue, masked_bce_with_logits
 
 
 def read_recipe(path) -> Dict:
@@ -43,7 +43,8 @@ def to_tensors(data: Dict[str, np.ndarray], scaling: ParameterScaling) -> Dict[s
 
 def batch_loss(kind: str, model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
     if kind == "surrogate":
-        return masked_mse(model(batch["tissue"], batch["parameters"]), batch["concentration"], batch["mask"])
+        return masked_bce_with_logits(model.logits(batch["tissue"], batch["parameters"]), batch["concentration"],
+                                      batch["mask"])
     return torch.mean((model(batch["tissue"], batch["concentration"]) - batch["parameters"]) ** 2)
 
 
