@@ -137,3 +137,14 @@ def test_trained_model_reproduces_its_card_on_stored_samples(tmp_path):
     assert set(recomputed) == set(stored) and "ncc" in stored
     for key in stored:
         assert recomputed[key] == pytest.approx(stored[key], rel=1e-5, abs=1e-9)
+
+
+def test_bundled_surrogate_reproduces_its_model_card():
+    """The committed weights (Resources/Models/surrogate32.*) load with their checksum and give the card's metrics
+    on the held-out samples stored beside them."""
+    from TumorPersonalizationLib.registry import models_dir
+
+    assert (models_dir() / "surrogate32.json").exists(), "bundled surrogate missing"
+    recomputed, stored = reproduce_check_samples("surrogate32")
+    for key in stored:
+        assert recomputed[key] == pytest.approx(stored[key], rel=1e-4, abs=1e-7)
