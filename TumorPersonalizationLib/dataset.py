@@ -26,7 +26,6 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from .errors import InputError
-from .geometry import Geometry
 from .imageio import sha256_file
 from .metrics import tumor_volume_cm3
 from .tissue import Tissue, crop_with_padding, cube_box_kji, resample_fraction
@@ -95,27 +94,32 @@ def _crop_center_kji(concentration: np.ndarray) -> np.ndarray:
     return np.array([round(float((g * concentration).sum() / total)) for g in grids])
 
 
+def atlas_variants(spacing_mm: int) -> List[Tissue]:
+    """The four atlases samples are drawn on, indexed by mirrored + 2 * hard_labels: the atlas, its mirror image,
+    and both as hard label maps (argmax of the fractions)."""
+    from .atlas import load_atlas
+
+    atlas = load_atlas(spacing_mm)
+    hard = Tissue.from_labelmap(atlas.volume(atlas.labelmap()))
+    return [atlas, atlas.mirrored_left_right(), hard, hard.mirrored_left_right()]
+
+
 class SampleMaker:
     """Makes sample i of a dataset (holds the atlas and its mirror image once per worker)."""
 
     def __init__(self, config: DatasetConfig, device: str = "cpu"):
-        from .atlas import load_atlas
         from .solver import TissueOperator
 
         self.config = config
-        atlas = load_atlas(config.simulation_spacing_mm)
-        hard = Tissue.from_labelmap(atlas.volume(atlas.labelmap()))
-        # Index = mirrored + 2 * hard_labels.
-        self.tissues = [atlas, atlas.mirrored_left_right(), hard, hard.mirrored_left_right()]
+        self.tissues = atlas_variants(config.simulation_spacing_mm)
         self.operators = [TissueOperator(t, device=device) for t in self.tissues]
+        # Seed candidates per variant, found once: every draw of every sample picks from them.
+        self.seed_candidates = [np.argwhere(t.brain_fraction >= config.prior.seed_min_brain_fraction)
+                                for t in self.tissues]
         n = config.cube_mm / config.simulation_spacing_mm
         if abs(n - round(n)) > 1e-6:
             raise InputError(f"cube of {config.cube_mm} mm is not a whole number of {config.simulation_spacing_mm} mm "
                              f"voxels")
-
-    def candidate_seeds(self, variant: int) -> np.ndarray:
-        tissue = self.tissues[variant]
-        return np.argwhere(tissue.brain_fraction >= self.config.prior.seed_min_brain_fraction)
 
     def make(self, index: int) -> Dict[str, np.ndarray]:
         import torch
@@ -127,7 +131,7 @@ class SampleMaker:
             hard_labels = int(rng.uniform() < prior.hard_label_probability)
             variant = mirrored + 2 * hard_labels
             tissue = self.tissues[variant]
-            candidates = self.candidate_seeds(variant)
+            candidates = self.seed_candidates[variant]
             seed_kji = candidates[rng.integers(len(candidates))] + rng.uniform(-0.5, 0.5, 3)
             seed_ras = tissue.geometry.index_kji_to_ras(seed_kji)
             physical = draw_physical(rng, prior)
@@ -324,10 +328,3 @@ def load_dataset(directory) -> Dict[str, np.ndarray]:
     if not parts:
         raise InputError(f"dataset in {directory} has no shards")
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def surrogate_geometry(config: DatasetConfig) -> Geometry:
-    """Grid of a sample (axis aligned, centred on the origin): for reading samples back as images."""
-    spacing = config.surrogate_spacing_mm
-    half = (config.grid - 1) / 2.0 * spacing
-    return Geometry((config.grid,) * 3, (spacing,) * 3, (-half, -half, -half))

@@ -15,7 +15,7 @@ import torch
 
 from .dataset import load_dataset
 from .errors import InputError
-from .metrics import ncc
+from .metrics import compare
 from .parameters import ParameterScaling
 from .surrogate import brain_mask_from_tissue, masked_bce_with_logits
 
@@ -62,11 +62,7 @@ def evaluate_surrogate(model, tensors, device="cpu", batch_size=8) -> Dict:
         for batch in _batches(tensors, torch.arange(len(tensors["tissue"])), batch_size, device):
             predicted = model(batch["tissue"], batch["parameters"]).cpu().numpy()
             for p, t, m in zip(predicted, batch["concentration"].cpu().numpy(), batch["mask"].cpu().numpy() > 0):
-                d = p[m] - t[m]
-                size = max(float(t[m].sum()), 1e-12)
-                rows.append({"mse": float(np.mean(d ** 2)), "mae": float(np.mean(np.abs(d))),
-                             "mse_normalised": float(np.sum(d ** 2) / size),
-                             "mae_normalised": float(np.sum(np.abs(d)) / size), "ncc": ncc(p[m], t[m])})
+                rows.append(compare(p, t, m, thresholds=()))
     return summarise(rows, worst_is_low={"ncc"})
 
 

@@ -25,20 +25,17 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from TumorPersonalizationLib.atlas import load_atlas  # noqa: E402
-from TumorPersonalizationLib.dataset import load_dataset  # noqa: E402
-from TumorPersonalizationLib.metrics import ncc  # noqa: E402
+from TumorPersonalizationLib.dataset import atlas_variants, load_dataset  # noqa: E402
+from TumorPersonalizationLib.metrics import compare  # noqa: E402
 from TumorPersonalizationLib.parameters import ParameterScaling  # noqa: E402
 from TumorPersonalizationLib.registry import load_model, read_card  # noqa: E402
 from TumorPersonalizationLib.solver import TissueOperator, simulate_tensor  # noqa: E402
-from TumorPersonalizationLib.tissue import Tissue, crop_with_padding, cube_box_kji  # noqa: E402
+from TumorPersonalizationLib.tissue import crop_with_padding, cube_box_kji  # noqa: E402
 from TumorPersonalizationLib.training import evaluate_inverse, evaluate_surrogate, summarise, to_tensors  # noqa: E402
 
 
 def fd_resolution_rows(model, arrays, tensors, cube_mm, limit):
-    atlas = load_atlas(2)
-    hard = Tissue.from_labelmap(atlas.volume(atlas.labelmap()))
-    variants = [atlas, atlas.mirrored_left_right(), hard, hard.mirrored_left_right()]
+    variants = atlas_variants(2)
     operators = {}
     rows, fd_times = [], []
     for n in range(min(limit, len(arrays["mu_d_mm"]))):
@@ -57,12 +54,7 @@ def fd_resolution_rows(model, arrays, tensors, cube_mm, limit):
             coarse = model(tensors["tissue"][n:n + 1], tensors["parameters"][n:n + 1])
             upsampled = F.interpolate(coarse[:, None], size=fine.shape, mode="trilinear",
                                       align_corners=False)[0, 0].numpy()
-        p, t = upsampled[brain], fine[brain]
-        d = p - t
-        size = max(float(t.sum()), 1e-12)
-        rows.append({"mse": float(np.mean(d ** 2)), "mae": float(np.mean(np.abs(d))),
-                     "mse_normalised": float(np.sum(d ** 2) / size),
-                     "mae_normalised": float(np.sum(np.abs(d)) / size), "ncc": ncc(p, t)})
+        rows.append(compare(upsampled, fine, brain, thresholds=()))
     return summarise(rows, worst_is_low={"ncc"}), fd_times
 
 
