@@ -9,8 +9,8 @@ from TumorPersonalizationLib import InputError
 from TumorPersonalizationLib.dataset import (DatasetConfig, Prior, draw_physical, generate, load_dataset,
                                              shard_path)
 
-# A narrow prior keeps the FD runs small (slow, diffuse tumors); the mapping is the same as the default prior's.
-SMALL_PRIOR = Prior(d_wm_mm2_per_day=(0.05, 0.2), rho_per_day=(0.02, 0.05), visible_volume_cm3=(1.0, 250.0))
+# A narrow prior keeps the FD runs small (slow growth to small targets); the mapping is the same as the default one.
+SMALL_PRIOR = Prior(d_wm_mm2_per_day=(0.05, 0.2), rho_per_day=(0.1, 0.3), visible_volume_cm3=(1.0, 3.0))
 
 
 def small_config(**changes):
@@ -36,6 +36,11 @@ def test_generate_is_deterministic_resumable_and_checked(tmp_path):
     data = load_dataset(tmp_path / "a")
     assert data["tissue"].shape == (3, 3, 16, 16, 16) and data["concentration"].shape == (3, 16, 16, 16)
     assert np.all((data["visible_volume_cm3"] >= 1) & (data["visible_volume_cm3"] <= 250))
+    # Growth stops at the drawn visible volume (within the last step), unless the 100 days ran out first.
+    visible, target, days = data["visible_volume_cm3"], data["target_volume_cm3"], data["physical"][:, 2]
+    reached = (visible >= target * 0.999) & (visible <= target * 1.5 + 0.5)
+    assert np.all(reached | (np.abs(days - 100.0) < 1e-3))
+    np.testing.assert_allclose(data["mu_d_mm"] ** 2, data["physical"][:, 0] * days, rtol=1e-4)
     assert float(data["concentration"].max()) <= 1.0 and float(data["concentration"].max()) > 0.25
     # The seed is stored as an offset from the crop centre, consistent with the absolute RAS position.
     np.testing.assert_allclose(data["seed_ras_mm"] - data["crop_center_ras_mm"], data["seed_offset_mm"], atol=1e-3)

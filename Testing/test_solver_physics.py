@@ -128,6 +128,30 @@ def test_active_region_matches_full_grid(atlas_2mm, mu_d, mu_rho):
         assert stats.active_voxels_final < stats.grid_voxels  # the box did cut work
 
 
+def test_stop_hook_returns_the_tumor_at_the_stopping_time(atlas_2mm):
+    """Stopping a run planned for (mu_D, mu_rho) at time t gives the tumor of (mu_D sqrt(t), mu_rho sqrt(t)): the
+    dataset uses this to stop growth at a target visible volume."""
+    operator = TissueOperator(atlas_2mm)
+    seed = (28.0, -12.0, 24.0)
+    voxels_wanted = 2000  # 16 cm^3 at 2 mm, well short of what T = 1 reaches
+    seen = []
+
+    def stop(t, c_box):
+        seen.append(t)
+        return float((c_box >= 0.25).sum()) >= voxels_wanted
+
+    with torch.no_grad():
+        stopped, stats = simulate_tensor(operator, [14.0], [4.0], [seed], return_stats=True, stop=stop)
+        t = stats.end_time
+        fresh = simulate_tensor(operator, [14.0 * math.sqrt(t)], [4.0 * math.sqrt(t)], [seed])
+        full = simulate_tensor(operator, [14.0], [4.0], [seed])
+    assert 0.05 < t < 0.95 and seen[-1] == t and seen == sorted(seen)
+    visible = int((stopped >= 0.25).sum())
+    assert voxels_wanted <= visible < 1.15 * voxels_wanted  # stopped at the first step past the target
+    assert int((full >= 0.25).sum()) > 2 * voxels_wanted
+    assert float((stopped - fresh).abs().max()) < 2e-3
+
+
 def test_seed_outside_grid_gives_empty_tumor_not_a_crash():
     tissue = heterogeneous_tissue((8, 8, 8))
     operator = TissueOperator(tissue)

@@ -2,13 +2,16 @@
 
 Prior (the recipe of the published synthetic dataset, mapped onto the folded parameters of DESIGN.md):
     D_WM ~ U[0.001, 10] mm^2/day,  rho ~ U[0.001, 1] /day,  visible-volume target V ~ U[1, 250] cm^3,
-    T = min(100 days, time for a sphere growing at the Fisher front speed 2 sqrt(D rho) to reach V),
-    mu_D = sqrt(D_WM T), mu_rho = sqrt(rho T)   (so mu_D <= 31.6 mm, mu_rho <= 10),
+    the tumor grows until its visible volume (c >= 0.25) reaches V, or until T = 100 days,
+    mu_D = sqrt(D_WM T), mu_rho = sqrt(rho T) at that T   (so mu_D <= 31.6 mm, mu_rho <= 10),
     seed uniform over atlas voxels with WM+GM >= 0.5, the atlas mirrored left-right with probability 1/2, and
     with probability 1/2 the atlas as a hard label map (argmax of the fractions), since most patients' tissue
     comes from segmentation tools as labels, not probabilities.
-A draw is kept when the simulated visible volume (c >= 0.25) lies in [1, 250] cm^3 (as in BraTS), otherwise it is
-replaced by the next draw of the same sample's random stream; the kept distribution is recorded in the manifest.
+The stopping time is found by the simulation itself (solver stop hook, checked after every step), planned for
+4x the time a sphere growing at the Fisher speed 2 sqrt(D rho) would need (that estimate is 1.5-3x too short on the
+atlas: the front has to form, the visible edge lags it and GM slows it), extended to 100 days if V is not reached.
+A draw is kept when the final visible volume lies in [1, 250] cm^3 (as in BraTS), otherwise it is replaced by the
+next draw of the same sample's random stream; the kept distribution is recorded in the manifest.
 
 Each sample: the FD solution on the 2 mm atlas, then the cube of 128 mm centred on the tumor's centre of mass (on
 the simulation grid), area-averaged to the surrogate grid, with the same crop of the tissue and the parameters (seed
@@ -30,7 +33,7 @@ from .imageio import sha256_file
 from .metrics import tumor_volume_cm3
 from .tissue import Tissue, crop_with_padding, cube_box_kji, resample_fraction
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class Prior:
     mirror_probability: float = 0.5
     hard_label_probability: float = 0.5
     max_draws_per_sample: int = 50
+    plan_factor: float = 4.0  # first run planned for this multiple of the sphere-growth time
 
 
 @dataclass(frozen=True)
@@ -75,14 +79,20 @@ class DatasetConfig:
 
 
 def draw_physical(rng: np.random.Generator, prior: Prior) -> Dict[str, float]:
-    """One draw of (D, rho, V target) and the implied age T, mapped onto mu_D, mu_rho."""
+    """One draw of (D, rho, V target) and the age T of a sphere growing at 2 sqrt(D rho) to volume V (capped),
+    mapped onto mu_D, mu_rho. The dataset then finds the true stopping time by simulation (with_days)."""
     d = rng.uniform(*prior.d_wm_mm2_per_day)
     rho = rng.uniform(*prior.rho_per_day)
     volume = rng.uniform(*prior.visible_volume_cm3)
     radius_mm = (3.0 * volume * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
     days = min(prior.max_days, radius_mm / (2.0 * math.sqrt(d * rho)))
-    return {"d_wm_mm2_per_day": d, "rho_per_day": rho, "target_volume_cm3": volume, "days": days,
-            "mu_d_mm": math.sqrt(d * days), "mu_rho": math.sqrt(rho * days)}
+    return with_days({"d_wm_mm2_per_day": d, "rho_per_day": rho, "target_volume_cm3": volume}, days)
+
+
+def with_days(physical: Dict[str, float], days: float) -> Dict[str, float]:
+    """The same tumor at age `days`: mu_D = sqrt(D T), mu_rho = sqrt(rho T)."""
+    return dict(physical, days=days, mu_d_mm=math.sqrt(physical["d_wm_mm2_per_day"] * days),
+                mu_rho=math.sqrt(physical["rho_per_day"] * days))
 
 
 def _crop_center_kji(concentration: np.ndarray) -> np.ndarray:
@@ -134,18 +144,37 @@ class SampleMaker:
             candidates = self.seed_candidates[variant]
             seed_kji = candidates[rng.integers(len(candidates))] + rng.uniform(-0.5, 0.5, 3)
             seed_ras = tissue.geometry.index_kji_to_ras(seed_kji)
-            physical = draw_physical(rng, prior)
-            with torch.no_grad():
-                from .solver import simulate_tensor
-
-                c = simulate_tensor(self.operators[variant], [physical["mu_d_mm"]], [physical["mu_rho"]],
-                                    [seed_ras])[0].cpu().numpy()
-            visible = tumor_volume_cm3(c, tissue.geometry.voxel_volume_mm3(), prior.visible_threshold)
+            physical, c, visible = self.grow_to_target(variant, seed_ras, draw_physical(rng, prior))
             if prior.visible_volume_cm3[0] <= visible <= prior.visible_volume_cm3[1]:
                 break
         else:
             raise RuntimeError(f"sample {index}: no draw within the volume range after {prior.max_draws_per_sample}")
         return self._crop(index, tissue, c, seed_ras, physical, visible, mirrored, hard_labels, draw)
+
+    def grow_to_target(self, variant: int, seed_ras, physical: Dict[str, float]):
+        """Grow the drawn tumor until its visible volume reaches the target (or T = max_days); returns the
+        physical parameters at that age, the concentration and the visible volume."""
+        import torch
+
+        from .solver import simulate_tensor
+
+        prior = self.config.prior
+        voxel_cm3 = self.tissues[variant].geometry.voxel_volume_mm3() / 1000.0
+        voxels_needed = physical["target_volume_cm3"] / voxel_cm3
+        plan_days = min(prior.max_days, prior.plan_factor * physical["days"])
+        while True:
+            planned = with_days(physical, plan_days)
+            with torch.no_grad():
+                c, stats = simulate_tensor(
+                    self.operators[variant], [planned["mu_d_mm"]], [planned["mu_rho"]], [seed_ras],
+                    return_stats=True,
+                    stop=lambda t, c_box: float((c_box >= prior.visible_threshold).sum()) >= voxels_needed)
+            if stats.end_time < 1.0 or plan_days >= prior.max_days:
+                break
+            plan_days = prior.max_days  # the target was not reached: plan again up to the age limit
+        c = c[0].cpu().numpy()
+        physical = with_days(physical, plan_days * stats.end_time)
+        return physical, c, tumor_volume_cm3(c, voxel_cm3 * 1000.0, prior.visible_threshold)
 
     def _crop(self, index, tissue: Tissue, c, seed_ras, physical, visible, mirrored, hard_labels, draw):
         config = self.config
@@ -171,6 +200,7 @@ class SampleMaker:
             "mirrored": np.int8(mirrored),
             "hard_labels": np.int8(hard_labels),
             "visible_volume_cm3": np.float32(visible),
+            "target_volume_cm3": np.float32(physical["target_volume_cm3"]),
             "draws": np.int16(draw + 1),
             "physical": np.asarray([physical[k] for k in ("d_wm_mm2_per_day", "rho_per_day", "days")], np.float32),
         }
@@ -211,11 +241,12 @@ def _maker_cache(config: DatasetConfig, device: str) -> SampleMaker:
 
 
 def generate(config: DatasetConfig, directory, scheduler: Optional[str] = None, workers: Optional[int] = None,
-             local: bool = False, progress: Optional[Callable[[int, int], None]] = None) -> Dict:
+             local: bool = False, progress: Optional[Callable[[int, int], None]] = None, device: str = "cpu") -> Dict:
     """Generate (or finish) a dataset in `directory`; returns the manifest.
 
     scheduler: address of an existing Dask scheduler; otherwise a Dask LocalCluster with `workers` processes, or
-    in-process work when local=True or Dask is not installed. Finished shards (listed in the progress file with
+    in-process work when local=True or Dask is not installed. device: where the FD runs go ("cuda" on GPU workers;
+    the data do not depend on it beyond float rounding). Finished shards (listed in the progress file with
     a matching checksum) are kept, so an interrupted run resumes.
     """
     directory = Path(directory)
@@ -238,11 +269,11 @@ def generate(config: DatasetConfig, directory, scheduler: Optional[str] = None, 
     try:
         if client is None:
             for shard in todo:
-                record(make_shard(config.to_dict(), str(directory), shard))
+                record(make_shard(config.to_dict(), str(directory), shard, device))
         else:
             from distributed import as_completed
 
-            futures = [client.submit(make_shard, config.to_dict(), str(directory.resolve()), s, pure=False)
+            futures = [client.submit(make_shard, config.to_dict(), str(directory.resolve()), s, device, pure=False)
                        for s in todo]
             for future in as_completed(futures):
                 record(future.result())
@@ -288,7 +319,7 @@ def write_manifest(config: DatasetConfig, directory: Path, state: Dict) -> Dict:
     shards = [state["shards"][str(s)] for s in range(config.shards) if str(s) in state["shards"]]
     summary = {}
     if shards:
-        values = {k: [] for k in ("mu_d_mm", "mu_rho", "visible_volume_cm3", "draws")}
+        values = {k: [] for k in ("mu_d_mm", "mu_rho", "visible_volume_cm3", "target_volume_cm3", "draws")}
         for entry in shards:
             with np.load(directory / entry["file"]) as data:
                 for key in values:

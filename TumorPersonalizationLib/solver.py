@@ -78,6 +78,7 @@ class SolverStats:
     active_voxels_final: int
     grid_voxels: int
     explicit_steps_for_stability: int  # forward-Euler steps the same grid would need just to stay stable
+    end_time: float = 1.0  # < 1 when a stop condition ended the run early
 
 
 def lattice_front(mu_d_mm: float, mu_rho: float, spacing_mm: float) -> Tuple[float, float]:
@@ -275,11 +276,16 @@ def plan_steps(operator: TissueOperator, mu_d: np.ndarray, mu_rho: np.ndarray,
 
 def simulate_tensor(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, control: StepControl = StepControl(),
                     phases: int = 4, active_region: bool = True, checkpoint_segments: Optional[int] = None,
-                    progress: Optional[Callable[[float], None]] = None, return_stats: bool = False):
+                    progress: Optional[Callable[[float], None]] = None, return_stats: bool = False,
+                    stop: Optional[Callable[[float, torch.Tensor], bool]] = None):
     """Simulate a batch of tumors to T = 1 on the operator's grid.
 
     mu_d_mm, mu_rho: tensors (B,) or floats; seed_ras_mm: (B, 3) or (3,). Any of them may require grad.
     active_region=False computes every voxel at every step (a reference for the box logic).
+    stop(t, c_box): called (without gradients) after every step with the time t in (0, 1] and the solution on the
+    active box; when it returns True the run ends there and returns c(t), which is the solution for
+    mu_D sqrt(t), mu_rho sqrt(t) up to the step error (the steps were planned for t = 1, so they are no larger than
+    a run planned for t would take). stats.end_time records t. Used to stop a growing tumor at a target volume.
     Returns c of shape (B, K, J, I) on the full grid (and SolverStats if return_stats).
     """
     device, dtype = operator.device, operator.dtype
@@ -335,13 +341,15 @@ def simulate_tensor(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, cont
         # RKL2 is not positivity preserving for the stiffest modes; undershoots are O(1e-7) and are cut here.
         return c_in.clamp(0.0, 1.0)
 
-    done = 0
+    done, end_time = 0, 1.0
     for phase, (end, box) in enumerate(zip(phase_ends, boxes)):
         if phase > 0:
             c = _pad_to(c, boxes[phase - 1], box)
         faces = operator.box_faces(box)
         segment = max(1, math.ceil((end - done) / max(1, checkpoint_segments // phases)))
-        while done < end:
+        if stop is not None:
+            segment = 1
+        while done < end and end_time == 1.0:
             count = min(segment, end - done)
             if needs_grad:
                 c = checkpoint(advance, c, faces, done, count, use_reentrant=False)
@@ -350,6 +358,15 @@ def simulate_tensor(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, cont
             done += count
             if progress is not None:
                 progress(done / steps)
+            if stop is not None and done < steps:
+                # Finish the Strang step (its pending half reaction step) to have c at time t.
+                c_now = _logistic_step(c, torch.exp(-rho * (0.5 * step_sizes[done - 1])))
+                with torch.no_grad():
+                    if stop(float(times[done - 1]), c_now.detach()):
+                        c, end_time = c_now, float(times[done - 1])
+        if end_time < 1.0:
+            boxes = boxes[:phase + 1]
+            break
 
     full = [(0, n) for n in shape]
     c = _pad_to(c, boxes[-1], full)
@@ -357,7 +374,7 @@ def simulate_tensor(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, cont
         final_box = boxes[-1]
         stats = SolverStats(steps, max(stage_counts), int(sum(stage_counts)), float(max(step_sizes)),
                             int(np.prod([b - a for a, b in final_box])), int(np.prod(shape)),
-                            int(math.ceil(1.0 / dt_explicit)) if math.isfinite(dt_explicit) else 0)
+                            int(math.ceil(1.0 / dt_explicit)) if math.isfinite(dt_explicit) else 0, end_time)
         return c, stats
     return c
 

@@ -6,6 +6,8 @@ on SLURM, start the cluster there and pass its scheduler address).
 
     python scripts/generate_dataset.py --out data/train --samples 3000 --grid 32 --workers 2
     python scripts/generate_dataset.py --out data/test --samples 200 --seed 1      # held out: another seed
+    python scripts/generate_dataset.py --out data/train128 --samples 30000 --grid 128 --simulation-spacing 1 \
+        --device cuda --scheduler tcp://scheduler:8786                         # the published-size data, on a cluster
 """
 import argparse
 import sys
@@ -27,13 +29,17 @@ def main(argv=None):
     parser.add_argument("--grid", type=int, default=32, help="surrogate grid points per side of the 128 mm cube")
     parser.add_argument("--shard-size", type=int, default=50)
     parser.add_argument("--scheduler", help="address of a running Dask scheduler (default: a LocalCluster)")
+    parser.add_argument("--simulation-spacing", type=int, default=2, choices=(1, 2),
+                        help="atlas spacing (mm) of the FD runs; 1 for the 128^3 (1 mm) grid of the GPU recipe")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the FD runs go")
     parser.add_argument("--workers", type=int, default=1, help="LocalCluster worker processes")
     parser.add_argument("--local", action="store_true", help="no Dask: compute in this process")
     args = parser.parse_args(argv)
 
     from tqdm import tqdm
 
-    config = DatasetConfig(samples=args.samples, seed=args.seed, grid=args.grid, shard_size=args.shard_size)
+    config = DatasetConfig(samples=args.samples, seed=args.seed, grid=args.grid, shard_size=args.shard_size,
+                           simulation_spacing_mm=args.simulation_spacing)
     bar = tqdm(total=config.shards, desc="shards", unit="shard", file=sys.stderr)
 
     def progress(done, total):
@@ -43,7 +49,7 @@ def main(argv=None):
     started = time.perf_counter()
     try:
         manifest = generate(config, args.out, scheduler=args.scheduler, workers=args.workers, local=args.local,
-                            progress=progress)
+                            progress=progress, device=args.device)
     except InputError as error:
         print(f"generate_dataset: error: {error}", file=sys.stderr)
         return 2
