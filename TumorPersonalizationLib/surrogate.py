@@ -23,6 +23,7 @@ class NetworkConfig:
     blocks_per_level: int = 1
     kernel_size: int = 3
     parameters: int = 5
+    bottleneck_blocks: int = 1  # ConvNeXt blocks after the parameter injection (cheap: the coarsest grid)
 
     def to_dict(self) -> Dict:
         out = asdict(self)
@@ -109,7 +110,7 @@ class SurrogateUNet(nn.Module):
         bottleneck = widths[-1]
         self.parameter_mlp = nn.Sequential(nn.Linear(config.parameters, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(),
                                            nn.Linear(64, bottleneck))
-        self.bottleneck = _stage(bottleneck, config.blocks_per_level, config.kernel_size)
+        self.bottleneck = _stage(bottleneck, config.bottleneck_blocks, config.kernel_size)
         self.upsample = nn.ModuleList([nn.ConvTranspose3d(b, a, 2, stride=2)
                                        for a, b in zip(widths[:-1], widths[1:])])
         self.merge = nn.ModuleList([nn.Conv3d(2 * a, a, 1) for a in widths[:-1]])

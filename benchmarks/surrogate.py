@@ -31,7 +31,8 @@ from TumorPersonalizationLib.parameters import ParameterScaling  # noqa: E402
 from TumorPersonalizationLib.registry import load_model, read_card  # noqa: E402
 from TumorPersonalizationLib.solver import TissueOperator, simulate_tensor  # noqa: E402
 from TumorPersonalizationLib.tissue import crop_with_padding, cube_box_kji  # noqa: E402
-from TumorPersonalizationLib.training import evaluate_inverse, evaluate_surrogate, summarise, to_tensors  # noqa: E402
+from TumorPersonalizationLib.training import (evaluate_inverse, evaluate_surrogate, predict_inverse,  # noqa: E402
+                                              summarise, to_tensors)
 
 
 def fd_resolution_rows(model, arrays, tensors, cube_mm, limit):
@@ -102,29 +103,37 @@ def main():
     results["fd_solver_s"] = {"median": statistics.median(fd_times), "mean": float(np.mean(fd_times)),
                               "samples": len(fd_times), "note": "whole 2 mm atlas, active box, same cases"}
     results["speed_up_one_case_median"] = results["fd_solver_s"]["median"] / results["inference"]["one_case_s"]
+    predictions = None
     try:
         read_card(args.inverse)
-        inverse, inverse_card = load_model(args.inverse, kind="inverse")
-        results["inverse"] = evaluate_inverse(inverse, tensors, ParameterScaling.from_dict(inverse_card["scaling"]))
-    except Exception as error:  # not bundled yet: say so in the results instead of failing
+    except Exception as error:  # not bundled: say so in the results instead of failing
         results["inverse"] = {"status": f"not evaluated: {error}"}
+    else:
+        inverse, inverse_card = load_model(args.inverse, kind="inverse")
+        inverse_scaling = ParameterScaling.from_dict(inverse_card["scaling"])
+        results["inverse"] = {"model": args.inverse, "model_sha256": inverse_card["sha256"],
+                              **evaluate_inverse(inverse, tensors, inverse_scaling)}
+        predictions = predict_inverse(inverse, tensors, inverse_scaling)
+        print("inverse:", json.dumps({k: (v["mean"], v["median"]) for k, v in results["inverse"].items()
+                                      if isinstance(v, dict)}), flush=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, card, args.out.with_suffix(".png"))
+    plot(results, card, predictions, args.out.with_suffix(".png"))
     print(f"wrote {args.out}")
 
 
-def plot(results, card, path):
+def plot(results, card, predictions, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    figure, axes = plt.subplots(1, 4 if predictions is not None else 2,
+                                figsize=(20 if predictions is not None else 11, 4))
     history = card.get("history", [])
     axes[0].semilogy([h["epoch"] for h in history], [h["train_loss"] for h in history], label="training")
     axes[0].semilogy([h["epoch"] for h in history], [h["validation_loss"] for h in history], label="validation")
     axes[0].set_xlabel("epoch")
-    axes[0].set_ylabel("masked MSE")
+    axes[0].set_ylabel("masked BCE (logits)")
     axes[0].legend()
     axes[0].set_title(f"{card['name']} training ({card['wall_time_s'] / 60:.0f} min)")
     labels = ["NCC mean", "NCC worst 5 %"]
@@ -139,6 +148,17 @@ def plot(results, card, path):
     axes[1].set_ylim(0, 1)
     axes[1].legend(loc="lower right")
     axes[1].set_title(f"held out, {results['test_samples']} samples")
+    if predictions is not None:
+        for axis, key, unit in ((axes[2], "mu_d", "mm"), (axes[3], "mu_rho", "")):
+            true, predicted = predictions[key + "_true"], predictions[key + "_predicted"]
+            axis.scatter(true, predicted, s=6, alpha=0.6)
+            top = float(max(true.max(), predicted.max()))
+            axis.plot([0, top], [0, top], "k--", linewidth=0.8)
+            name = "mu_D" if key == "mu_d" else "mu_rho"
+            axis.set_xlabel(f"true {name} {unit}".strip())
+            axis.set_ylabel(f"direct inverse net {name}")
+            error = results["inverse"][key + "_relative_error"]
+            axis.set_title(f"{name}: relative error mean {error['mean']:.2f}, median {error['median']:.2f}")
     figure.tight_layout()
     figure.savefig(path, dpi=90)
 
