@@ -109,6 +109,27 @@ def test_training_resumes_and_writes_a_model_card(tmp_path, kind):
     assert loaded["training_data"]["samples"] == 6
 
 
+def test_second_stage_starts_from_registered_weights(tmp_path):
+    data = tmp_path / "data"
+    generate(small_config(samples=4, shard_size=4), data, local=True)
+    models = tmp_path / "models"
+    base = {"name": "stage1", "kind": "surrogate", "config": TINY, "train_data": str(data), "epochs": 1,
+            "batch_size": 2, "learning_rate": 0.003, "seed": 0}
+    first = train(base, tmp_path / "run1", models_directory=models)
+    second_recipe = dict(base, name="stage2", initial_weights="stage1", learning_rate=1e-12)
+    second = train(second_recipe, tmp_path / "run2", models_directory=models)
+    assert second["initial_weights"]["sha256"] == first["sha256"]
+    assert second["total_epochs"] == 2 and second["total_wall_time_s"] >= second["wall_time_s"]
+    # With a vanishing learning rate the second stage keeps the first stage's weights: it really started there.
+    one, _ = load_model("stage1", directory=models)
+    two, _ = load_model("stage2", directory=models)
+    for a, b in zip(one.state_dict().values(), two.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(InputError, match="another design"):
+        train(dict(second_recipe, name="stage3", config=dict(TINY, widths=[4, 8, 16])), tmp_path / "run3",
+              models_directory=models)
+
+
 def reproduce_check_samples(name, directory=None):
     """Recompute a model's metrics on the held-out samples stored beside it; return (recomputed, card's)."""
     from pathlib import Path
@@ -139,12 +160,14 @@ def test_trained_model_reproduces_its_card_on_stored_samples(tmp_path):
         assert recomputed[key] == pytest.approx(stored[key], rel=1e-5, abs=1e-9)
 
 
-def test_bundled_surrogate_reproduces_its_model_card():
-    """The committed weights (Resources/Models/surrogate32.*) load with their checksum and give the card's metrics
-    on the held-out samples stored beside them."""
+@pytest.mark.parametrize("name", ["surrogate32", "inverse32"])
+def test_bundled_model_reproduces_its_model_card(name):
+    """The committed weights (Resources/Models/NAME.*) load with their checksum and give the card's metrics on the
+    held-out samples stored beside them; the surrogate's card holds held-out NCC and the inverse net's the errors."""
     from TumorPersonalizationLib.registry import models_dir
 
-    assert (models_dir() / "surrogate32.json").exists(), "bundled surrogate missing"
-    recomputed, stored = reproduce_check_samples("surrogate32")
+    assert (models_dir() / f"{name}.json").exists(), f"bundled {name} missing"
+    recomputed, stored = reproduce_check_samples(name)
+    assert stored, "empty check metrics"
     for key in stored:
         assert recomputed[key] == pytest.approx(stored[key], rel=1e-4, abs=1e-7)

@@ -115,7 +115,7 @@ def train(recipe: Dict, work_dir, device="cpu", progress: Optional[Callable[[str
     """Train (or resume) per recipe; returns the model card written to the registry."""
     from tqdm import tqdm
 
-    from .registry import save_model
+    from .registry import read_card, save_model
 
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -132,6 +132,20 @@ def train(recipe: Dict, work_dir, device="cpu", progress: Optional[Callable[[str
     validation, training = order[:validation_count], order[validation_count:]
 
     model = build(recipe).to(device)
+    initial = None
+    if recipe.get("initial_weights"):
+        # A second stage: start from a registered model (same kind, grid and design), e.g. a longer schedule at a
+        # lower learning rate after a first run; the card records which weights it started from.
+        from .registry import load_model
+
+        start, start_card = load_model(recipe["initial_weights"], kind=recipe["kind"], grid=grid,
+                                       directory=models_directory)
+        if start_card["config"] != recipe["config"]:
+            raise InputError(f"initial weights {recipe['initial_weights']} have another design than {recipe['name']}")
+        model.load_state_dict(start.state_dict())
+        initial = {"name": recipe["initial_weights"], "sha256": start_card["sha256"],
+                   "wall_time_s": start_card.get("total_wall_time_s", start_card["wall_time_s"]),
+                   "epochs": start_card.get("total_epochs", start_card["epochs"])}
     optimiser = torch.optim.AdamW(model.parameters(), lr=recipe["learning_rate"],
                                   weight_decay=recipe.get("weight_decay", 1e-4))
     epochs = int(recipe["epochs"])
@@ -205,12 +219,15 @@ def train(recipe: Dict, work_dir, device="cpu", progress: Optional[Callable[[str
         "training_data": {"path": recipe["train_data"], "manifest_sha256": manifest["sha256"],
                           "samples": manifest["samples"], "config": manifest["config"]},
         "test_data": recipe.get("test_data"), "recipe": recipe, "epochs": state["epoch"],
-        "stopped_early": state["stale"] >= patience, "wall_time_s": round(state["wall_s"], 1),
+        "stopped_early": state["stale"] >= patience and state["epoch"] < epochs, "wall_time_s": round(state["wall_s"], 1),
+        "initial_weights": initial,
+        "total_epochs": state["epoch"] + (initial["epochs"] if initial else 0),
+        "total_wall_time_s": round(state["wall_s"] + (initial["wall_time_s"] if initial else 0.0), 1),
         "device": str(device), "torch": torch.__version__, "held_out_metrics": metrics,
         "history": state["history"], "check_samples": check,
     }
     save_model(model, card, recipe["name"], models_directory)
-    return card
+    return read_card(recipe["name"], models_directory)  # as written: with the weights' sha256
 
 
 CHECK_SAMPLES = 4
