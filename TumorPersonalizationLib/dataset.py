@@ -132,8 +132,6 @@ class SampleMaker:
                              f"voxels")
 
     def make(self, index: int) -> Dict[str, np.ndarray]:
-        import torch
-
         config, prior = self.config, self.config.prior
         rng = np.random.default_rng([config.seed, index])
         for draw in range(prior.max_draws_per_sample):
