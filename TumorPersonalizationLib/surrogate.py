@@ -23,7 +23,6 @@ class NetworkConfig:
     blocks_per_level: int = 1
     kernel_size: int = 3
     parameters: int = 5
-    bottleneck_blocks: int = 1  # ConvNeXt blocks after the parameter injection (cheap: the coarsest grid)
 
     def to_dict(self) -> Dict:
         out = asdict(self)
@@ -40,6 +39,8 @@ class NetworkConfig:
 @dataclass(frozen=True)
 class SurrogateConfig(NetworkConfig):
     """Surrogate input: WM, GM, CSF."""
+
+    bottleneck_blocks: int = 1  # ConvNeXt blocks after the parameter injection (cheap: the coarsest grid)
 
 
 class ChannelLayerNorm(nn.Module):
