@@ -5,10 +5,10 @@ BIN := $(VENV)/bin
 
 .PHONY: setup demo test benchmark atlas clean
 
-$(BIN)/tumor-personalization: pyproject.toml
+$(BIN)/tumor-personalization: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $@
 
 setup: $(BIN)/tumor-personalization
@@ -23,7 +23,7 @@ benchmark: setup
 	$(BIN)/python benchmarks/solver.py
 
 atlas: setup
-	$(BIN)/python -m pip install --quiet -e ".[atlas]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[atlas]"
 	$(BIN)/python scripts/make_atlas.py
 
 clean:

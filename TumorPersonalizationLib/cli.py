@@ -12,6 +12,7 @@ from typing import List, Optional
 
 
 from .errors import InputError
+from .progress import BarProgress, JsonLinesProgress
 
 EXIT_INPUT_ERROR = 2
 ATLAS_NAMES = {"atlas": 2, "atlas-2mm": 2, "atlas-1mm": 1}
@@ -67,30 +68,10 @@ def _check_output_path(path: Path) -> Path:
     return check_writable_file(path)
 
 
-class _Progress:
-    """tqdm bar on stderr fed with fractions in [0, 1]."""
-
-    def __init__(self, description: str, enabled: bool = True):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=1000, desc=description, file=sys.stderr, disable=not enabled,
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
-        self.done = 0
-
-    def __call__(self, fraction: float) -> None:
-        target = int(round(1000 * min(max(fraction, 0.0), 1.0)))
-        if target > self.done:
-            self.bar.update(target - self.done)
-            self.done = target
-
-    def close(self):
-        self.bar.close()
-
-
 def _run_simulation(tissue, parameters, spacing, device, quiet):
     from .solver import simulate
 
-    progress = _Progress("simulating", enabled=not quiet)
+    progress = BarProgress("simulating", enabled=not quiet)
     started = time.perf_counter()
     try:
         concentration = simulate(tissue, parameters, spacing_mm=spacing, device=device, progress=progress)

@@ -28,10 +28,13 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+from .constants import EDEMA_THRESHOLD
 from .errors import InputError
 from .imageio import sha256_file
+from .progress import ProgressCallback, check_cancel, report
 from .metrics import tumor_volume_cm3
-from .tissue import Tissue, crop_with_padding, cube_box_kji, resample_fraction
+from .frame import SurrogateFrame
+from .tissue import Tissue
 
 FORMAT_VERSION = 2
 
@@ -42,7 +45,7 @@ class Prior:
     rho_per_day: tuple = (0.001, 1.0)
     max_days: float = 100.0
     visible_volume_cm3: tuple = (1.0, 250.0)
-    visible_threshold: float = 0.25
+    visible_threshold: float = EDEMA_THRESHOLD
     seed_min_brain_fraction: float = 0.5
     mirror_probability: float = 0.5
     hard_label_probability: float = 0.5
@@ -178,18 +181,12 @@ class SampleMaker:
         config = self.config
         center_kji = _crop_center_kji(c)
         center_ras = tissue.geometry.index_kji_to_ras(center_kji)
-        box = cube_box_kji(tissue.geometry, center_ras, config.cube_mm)
-        fine = tissue.geometry.sub_box(box)
-        coarse = fine.with_spacing(config.surrogate_spacing_mm)
-
-        def shrink(array):
-            return resample_fraction(crop_with_padding(array, box), fine, coarse).astype(np.float32)
-
-        crop_center_ras = coarse.index_kji_to_ras((np.asarray(coarse.shape_kji) - 1) / 2.0)
+        frame = SurrogateFrame.around(center_ras, tissue.geometry, config.grid, config.cube_mm)
+        crop_center_ras = frame.center_ras_mm
         return {
             "index": np.int64(index),
-            "tissue": np.stack([shrink(tissue.wm), shrink(tissue.gm), shrink(tissue.csf)]).astype(np.float16),
-            "concentration": np.clip(shrink(c), 0, 1).astype(np.float16),
+            "tissue": frame.tissue_channels(tissue).astype(np.float16),
+            "concentration": np.clip(frame.sample(c), 0, 1).astype(np.float16),
             "mu_d_mm": np.float32(physical["mu_d_mm"]),
             "mu_rho": np.float32(physical["mu_rho"]),
             "seed_offset_mm": (np.asarray(seed_ras) - crop_center_ras).astype(np.float32),
@@ -239,12 +236,14 @@ def _maker_cache(config: DatasetConfig, device: str) -> SampleMaker:
 
 
 def generate(config: DatasetConfig, directory, scheduler: Optional[str] = None, workers: Optional[int] = None,
-             local: bool = False, progress: Optional[Callable[[int, int], None]] = None, device: str = "cpu") -> Dict:
+             local: bool = False, progress: Optional[ProgressCallback] = None, device: str = "cpu",
+             cancel=None) -> Dict:
     """Generate (or finish) a dataset in `directory`; returns the manifest.
 
     scheduler: address of an existing Dask scheduler; otherwise a Dask LocalCluster with `workers` processes, or
     in-process work when local=True or Dask is not installed. device: where the FD runs go ("cuda" on GPU workers;
-    the data do not depend on it beyond float rounding). Finished shards (listed in the progress file with
+    the data do not depend on it beyond float rounding). progress(fraction, message) after every shard; cancel is
+    checked between shards (progress.py). Finished shards (listed in the progress file with
     a matching checksum) are kept, so an interrupted run resumes.
     """
     directory = Path(directory)
@@ -252,16 +251,16 @@ def generate(config: DatasetConfig, directory, scheduler: Optional[str] = None, 
     state_path = directory / "progress.json"
     state = _load_state(state_path, config)
     todo = [s for s in range(config.shards) if not _shard_done(directory, state, s)]
-    if progress:
-        progress(config.shards - len(todo), config.shards)
+    report(progress, (config.shards - len(todo)) / config.shards, f"{config.shards - len(todo)}/{config.shards} shards")
 
     def record(result):
         state["shards"][str(result["shard"])] = result
         from .imageio import atomic_write_bytes
 
         atomic_write_bytes(state_path, (json.dumps(state, indent=1) + "\n").encode())
-        if progress:
-            progress(len(state["shards"]), config.shards)
+        done = len(state["shards"])
+        report(progress, done / config.shards, f"{done}/{config.shards} shards")
+        check_cancel(cancel)
 
     client, cluster = (None, None) if local else _dask_client(scheduler, workers)
     try:

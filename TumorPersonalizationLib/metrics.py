@@ -8,10 +8,11 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from .constants import EDEMA_THRESHOLD, VISIBLE_THRESHOLDS
 from .errors import InputError
 
-# Visible-tumor thresholds of the imaging model (FLAIR/edema 0.25, T1Gd/core 0.675; DESIGN.md).
-DICE_THRESHOLDS = (0.25, 0.675)
+# Dice is reported at the imaging model's visible-tumor thresholds (FLAIR/edema, T1Gd/core).
+DICE_THRESHOLDS = VISIBLE_THRESHOLDS
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -60,7 +61,7 @@ def compare(predicted: np.ndarray, reference: np.ndarray, brain_mask: np.ndarray
     return out
 
 
-def tumor_volume_cm3(concentration: np.ndarray, voxel_volume_mm3: float, threshold: float = 0.25,
+def tumor_volume_cm3(concentration: np.ndarray, voxel_volume_mm3: float, threshold: float = EDEMA_THRESHOLD,
                      brain_mask: Optional[np.ndarray] = None) -> float:
     """Volume where the concentration reaches a threshold (the visible tumor at 0.25), in cm^3."""
     mask = np.asarray(concentration) >= threshold

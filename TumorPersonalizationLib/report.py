@@ -4,6 +4,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .constants import CORE_THRESHOLD, EDEMA_THRESHOLD, VISIBLE_THRESHOLDS
 from .geometry import Volume
 from .tissue import Tissue
 
@@ -53,12 +54,12 @@ def save_concentration_figure(path, tissue: Tissue, concentration: Volume, title
         colours[..., 3] = np.clip(0.15 + 0.85 * np.sqrt(np.clip(c_slice, 0, 1)), 0, 0.9) * (c_slice >= 1e-3)
         axis.imshow(colours, origin="lower", interpolation="nearest")
         image = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap="inferno")
-        if c_slice.max() >= 0.25:
-            axis.contour(c_slice, levels=[0.25, 0.675], colors=["#55ccff", "#33ff66"], linewidths=0.9)
+        if c_slice.max() >= EDEMA_THRESHOLD:
+            axis.contour(c_slice, levels=list(VISIBLE_THRESHOLDS), colors=["#55ccff", "#33ff66"], linewidths=0.9)
         if observed is not None:
             (_, o_slice), = [s for s in _slices(observed, center) if s[0] == name]
-            if o_slice.max() >= 0.25:
-                axis.contour(o_slice, levels=[0.25], colors=["white"], linewidths=0.8, linestyles="dashed")
+            if o_slice.max() >= EDEMA_THRESHOLD:
+                axis.contour(o_slice, levels=[EDEMA_THRESHOLD], colors=["white"], linewidths=0.8, linestyles="dashed")
         axis.set_title(name)
         # Labels of the +i / +j axes; for an atlas or any RAS-aligned image they are R, A and A (neurological view).
         right, up = {"axial": ("+i (R)", "+j (A)"), "coronal": ("+i (R)", "+k (S)"),
@@ -74,7 +75,8 @@ def save_concentration_figure(path, tissue: Tissue, concentration: Volume, title
         axes[3].set_xlabel("iteration")
         axes[3].set_ylabel("data loss")
         axes[3].set_title("optimisation")
-    figure.suptitle(title + "\ncontours: c = 0.25 (edema-visible, blue), c = 0.675 (core-visible, green)",
+    figure.suptitle(title + f"\ncontours: c = {EDEMA_THRESHOLD:g} (edema-visible, blue), c = {CORE_THRESHOLD:g} "
+                            "(core-visible, green)",
                     fontsize=10)
     import io
 

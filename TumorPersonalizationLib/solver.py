@@ -32,17 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .constants import (BRAIN_FRACTION_THRESHOLD, GREY_TO_WHITE_DIFFUSIVITY, INITIAL_AMPLITUDE,  # noqa: F401
+                        INITIAL_CUTOFF, INITIAL_RADIUS_MM, INITIAL_WIDTH_MM2)
 from .errors import InputError
-from .geometry import Volume
+from .geometry import Volume, resample_linear
 from .parameters import GrowthParameters
-from .tissue import BRAIN_FRACTION_THRESHOLD, GREY_TO_WHITE_DIFFUSIVITY, Tissue
-
-# Initial condition (DESIGN.md): c0(r) = 250 / (4 pi 5)^(3/2) exp(-r^2 / 20 mm^2), 0 below 0.1, clipped to 1.
-INITIAL_AMPLITUDE = 250.0 / (4.0 * math.pi * 5.0) ** 1.5
-INITIAL_WIDTH_MM2 = 20.0
-INITIAL_CUTOFF = 0.1
-# Radius (mm) beyond which the initial condition is exactly zero: amplitude * exp(-r^2/20) < 0.1.
-INITIAL_RADIUS_MM = math.sqrt(INITIAL_WIDTH_MM2 * math.log(INITIAL_AMPLITUDE / INITIAL_CUTOFF))
+from .progress import ProgressCallback, check_cancel, report
+from .tissue import Tissue
 
 
 @dataclass(frozen=True)
@@ -276,8 +272,8 @@ def plan_steps(operator: TissueOperator, mu_d: np.ndarray, mu_rho: np.ndarray,
 
 def simulate_tensor(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, control: StepControl = StepControl(),
                     phases: int = 4, active_region: bool = True, checkpoint_segments: Optional[int] = None,
-                    progress: Optional[Callable[[float], None]] = None, return_stats: bool = False,
-                    stop: Optional[Callable[[float, torch.Tensor], bool]] = None):
+                    progress: Optional[ProgressCallback] = None, return_stats: bool = False,
+                    stop: Optional[Callable[[float, torch.Tensor], bool]] = None, cancel=None):
     """Simulate a batch of tumors to T = 1 on the operator's grid.
 
     mu_d_mm, mu_rho: tensors (B,) or floats; seed_ras_mm: (B, 3) or (3,). Any of them may require grad.
@@ -286,6 +282,8 @@ def simulate_tensor(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, cont
     active box; when it returns True the run ends there and returns c(t), which is the solution for
     mu_D sqrt(t), mu_rho sqrt(t) up to the step error (the steps were planned for t = 1, so they are no larger than
     a run planned for t would take). stats.end_time records t. Used to stop a growing tumor at a target volume.
+    progress(fraction, message) is called after every segment of steps; cancel (progress.check_cancel) is checked
+    before every segment and raises progress.Cancelled, so a cancelled run stops within one segment (a few steps).
     Returns c of shape (B, K, J, I) on the full grid (and SolverStats if return_stats).
     """
     device, dtype = operator.device, operator.dtype
@@ -350,14 +348,14 @@ def simulate_tensor(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, cont
         if stop is not None:
             segment = 1
         while done < end and end_time == 1.0:
+            check_cancel(cancel)
             count = min(segment, end - done)
             if needs_grad:
                 c = checkpoint(advance, c, faces, done, count, use_reentrant=False)
             else:
                 c = advance(c, faces, done, count)
             done += count
-            if progress is not None:
-                progress(done / steps)
+            report(progress, done / steps, f"FD step {done}/{steps}")
             if stop is not None and done < steps:
                 # Finish the Strang step (its pending half reaction step) to have c at time t.
                 c_now = _logistic_step(c, torch.exp(-rho * (0.5 * step_sizes[done - 1])))
@@ -380,10 +378,14 @@ def simulate_tensor(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, cont
 
 
 def simulate(tissue: Tissue, parameters: GrowthParameters, spacing_mm: Optional[float] = None, device: str = "cpu",
-             control: StepControl = StepControl(), progress: Optional[Callable[[float], None]] = None) -> Volume:
+             control: StepControl = StepControl(), progress: Optional[ProgressCallback] = None,
+             cancel=None) -> Volume:
     """Tumor-cell concentration at T = 1 for one parameter set, as an image on the tissue's own grid.
 
+    tissue: the brain (any orientation and spacing); parameters: seed in RAS mm, mu_D in mm, mu_rho.
     spacing_mm: optional working grid (isotropic voxel size) for the computation; the answer is resampled back.
+    device: "cpu" or "cuda". progress(fraction, message) and cancel: see progress.py.
+    Raises InputError when the seed is not in grey or white matter (on the working grid too), progress.Cancelled.
     """
     check_seed(tissue, parameters.seed_ras_mm)
     work = tissue if spacing_mm is None else tissue.resample(spacing_mm)
@@ -392,12 +394,10 @@ def simulate(tissue: Tissue, parameters: GrowthParameters, spacing_mm: Optional[
     operator = TissueOperator(work, device=device)
     with torch.no_grad():
         c = simulate_tensor(operator, [parameters.mu_d_mm], [parameters.mu_rho], [parameters.seed_ras_mm],
-                            control=control, progress=progress)
+                            control=control, progress=progress, cancel=cancel)
     array = c[0].cpu().numpy().astype(np.float32)
     if spacing_mm is None:
         return Volume(array, tissue.geometry)
-    from .tissue import resample_linear
-
     back = resample_linear(array, work.geometry, tissue.geometry)
     return Volume(np.clip(back, 0.0, 1.0) * tissue.brain_mask, tissue.geometry)
 

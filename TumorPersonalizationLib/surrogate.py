@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .constants import BRAIN_FRACTION_THRESHOLD
+
 
 @dataclass(frozen=True)
 class NetworkConfig:
@@ -134,7 +136,7 @@ class SurrogateUNet(nn.Module):
         return self.head(x)[:, 0]
 
 
-def brain_mask_from_tissue(tissue: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+def brain_mask_from_tissue(tissue: torch.Tensor, threshold: float = BRAIN_FRACTION_THRESHOLD) -> torch.Tensor:
     """(B, 3, ...) WM/GM/CSF -> (B, ...) float mask of voxels that can hold tumor (WM+GM >= threshold)."""
     return ((tissue[:, 0] + tissue[:, 1]) >= threshold).to(tissue.dtype)
 

@@ -9,14 +9,11 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .constants import BRAIN_FRACTION_THRESHOLD, GREY_TO_WHITE_DIFFUSIVITY  # noqa: F401 (re-exported)
 from .errors import InputError
-from .geometry import Geometry, Volume
+from .geometry import (Geometry, Volume, crop_with_padding, cube_box_kji, resample_fraction,  # noqa: F401
+                       resample_linear)
 from .imageio import read_image
-
-# Voxels with WM+GM below this hold no tumor cells and pass no flux (DESIGN.md, face diffusivity rule).
-BRAIN_FRACTION_THRESHOLD = 0.1
-# Grey matter diffuses ten times slower than white matter (DESIGN.md).
-GREY_TO_WHITE_DIFFUSIVITY = 0.1
 
 
 @dataclass(frozen=True)
@@ -162,65 +159,3 @@ class Tissue:
         flip = [slice(None)] * 3
         flip[2 - lr_axis_ijk] = slice(None, None, -1)
         return Tissue(*(np.ascontiguousarray(a[tuple(flip)]) for a in (self.wm, self.gm, self.csf)), self.geometry)
-
-
-# ---- grid helpers (shared by tissue, tumor observations and outputs) ----------------------------------------------
-def cube_box_kji(geometry: Geometry, center_ras_mm, size_mm: float):
-    """Index box [(k0,k1),(j0,j1),(i0,i1)] of a cube of side size_mm around a RAS point (may reach outside)."""
-    center = geometry.ras_to_index_kji(center_ras_mm)
-    box = []
-    for axis in range(3):
-        n = max(1, int(round(size_mm / geometry.spacing_kji_mm[axis])))
-        start = int(np.floor(center[axis] - n / 2.0 + 0.5))
-        box.append((start, start + n))
-    return box
-
-
-def crop_with_padding(array: np.ndarray, box_kji, fill: float = 0.0) -> np.ndarray:
-    out = np.full(tuple(b - a for a, b in box_kji), fill, dtype=array.dtype)
-    src, dst = [], []
-    for (a, b), n in zip(box_kji, array.shape):
-        lo, hi = max(a, 0), min(b, n)
-        if hi <= lo:
-            return out
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - a, hi - a))
-    out[tuple(dst)] = array[tuple(src)]
-    return out
-
-
-def _integer_factors(source: Geometry, target: Geometry) -> Optional[Tuple[int, int, int]]:
-    ratio = np.asarray(target.spacing_kji_mm) / np.asarray(source.spacing_kji_mm)
-    factors = np.round(ratio).astype(int)
-    if np.all(factors >= 1) and np.allclose(ratio, factors, atol=1e-6) and np.allclose(
-            source.direction_ras, target.direction_ras, atol=1e-6):
-        return tuple(int(f) for f in factors)
-    return None
-
-
-def resample_fraction(array: np.ndarray, source: Geometry, target: Geometry) -> np.ndarray:
-    """Resample a fraction / concentration map. Integer coarsening is an exact block (area) average; anything
-    else is linear interpolation after a Gaussian pre-filter matched to the coarsening."""
-    factors = _integer_factors(source, target)
-    if factors is not None and target.same_grid(source.with_spacing(target.spacing_ijk_mm)):
-        fk, fj, fi = factors
-        K, J, I = target.shape_kji
-        block = array[: K * fk, : J * fj, : I * fi].astype(np.float32)
-        return block.reshape(K, fk, J, fj, I, fi).mean(axis=(1, 3, 5))
-    return resample_linear(array, source, target, antialias=True)
-
-
-def resample_linear(array: np.ndarray, source: Geometry, target: Geometry, antialias: bool = False) -> np.ndarray:
-    import SimpleITK as sitk
-
-    image = Volume(np.asarray(array, dtype=np.float32), source).to_sitk()
-    if antialias:
-        ratio = np.asarray(target.spacing_ijk_mm) / np.asarray(source.spacing_ijk_mm)
-        if np.any(ratio > 1.01):
-            # sigma of a Gaussian with the same variance as a box of the new voxel size: s / sqrt(12).
-            sigma = [float(np.sqrt(max(t * t - s * s, 0.0) / 12.0))
-                     for t, s in zip(target.spacing_ijk_mm, source.spacing_ijk_mm)]
-            image = sitk.SmoothingRecursiveGaussian(image, [max(x, 1e-3) for x in sigma])
-    reference = Volume(np.zeros(target.shape_kji, np.float32), target).to_sitk()
-    resampled = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    return sitk.GetArrayFromImage(resampled)

@@ -15,8 +15,10 @@ import torch
 
 from .dataset import load_dataset
 from .errors import InputError
+from .evaluation import summarise
 from .metrics import compare
 from .parameters import ParameterScaling
+from .progress import ProgressCallback, check_cancel, report
 from .surrogate import brain_mask_from_tissue, masked_bce_with_logits
 
 
@@ -92,27 +94,18 @@ def evaluate_inverse(model, tensors, scaling: ParameterScaling, device="cpu", ba
     return summarise(rows, worst_is_low=set())
 
 
-def summarise(rows, worst_is_low) -> Dict:
-    out = {"samples": len(rows)}
-    for key in rows[0]:
-        values = np.asarray([r[key] for r in rows])
-        worst = np.sort(values)[: max(1, len(values) // 20)] if key in worst_is_low else \
-            np.sort(values)[-max(1, len(values) // 20):]
-        out[key] = {"mean": float(values.mean()), "standard_error": float(values.std(ddof=1) / math.sqrt(len(values)))
-                    if len(values) > 1 else 0.0, "median": float(np.median(values)),
-                    "worst_5_percent_mean": float(worst.mean())}
-    return out
-
-
 def build(recipe: Dict):
     from .registry import _build
 
     return _build(recipe["kind"], recipe["config"])
 
 
-def train(recipe: Dict, work_dir, device="cpu", progress: Optional[Callable[[str], None]] = None,
-          models_directory: Optional[Path] = None, max_epochs: Optional[int] = None) -> Dict:
-    """Train (or resume) per recipe; returns the model card written to the registry."""
+def train(recipe: Dict, work_dir, device="cpu", progress: Optional[ProgressCallback] = None,
+          models_directory: Optional[Path] = None, max_epochs: Optional[int] = None, cancel=None) -> Dict:
+    """Train (or resume) per recipe; returns the model card written to the registry.
+
+    progress(fraction of the epochs, message) after every epoch; cancel (progress.py) is checked between batches
+    and stops at the last checkpoint (an epoch boundary), from which a later call resumes."""
     from tqdm import tqdm
 
     from .registry import read_card, save_model
@@ -171,6 +164,7 @@ def train(recipe: Dict, work_dir, device="cpu", progress: Optional[Callable[[str
         bar = tqdm(_batches(tensors, shuffled, recipe["batch_size"], device), total=steps_per_epoch,
                    desc=f"epoch {state['epoch'] + 1}/{epochs}", leave=False)
         for batch in bar:
+            check_cancel(cancel)
             optimiser.zero_grad(set_to_none=True)
             loss = batch_loss(recipe["kind"], model, batch)
             loss.backward()
@@ -197,8 +191,8 @@ def train(recipe: Dict, work_dir, device="cpu", progress: Optional[Callable[[str
                    work_dir / "checkpoint.tmp")
         (work_dir / "checkpoint.tmp").replace(checkpoint_path)
         plot_history(state["history"], work_dir / "loss.png", recipe["name"])
-        if progress:
-            progress(f"epoch {state['epoch']}: train {np.mean(losses):.3e}, validation {validation_loss:.3e}, "
+        report(progress, state["epoch"] / epochs,
+               f"epoch {state['epoch']}: train {np.mean(losses):.3e}, validation {validation_loss:.3e}, "
                      f"{state['wall_s']:.0f} s")
     if state["epoch"] < epochs and state["stale"] < patience:
         return {"finished": False, "epoch": state["epoch"]}

@@ -30,9 +30,10 @@ from TumorPersonalizationLib.metrics import compare  # noqa: E402
 from TumorPersonalizationLib.parameters import ParameterScaling  # noqa: E402
 from TumorPersonalizationLib.registry import load_model, read_card  # noqa: E402
 from TumorPersonalizationLib.solver import TissueOperator, simulate_tensor  # noqa: E402
-from TumorPersonalizationLib.tissue import crop_with_padding, cube_box_kji  # noqa: E402
+from TumorPersonalizationLib.frame import SurrogateFrame  # noqa: E402
+from TumorPersonalizationLib.evaluation import summarise  # noqa: E402
 from TumorPersonalizationLib.training import (evaluate_inverse, evaluate_surrogate, predict_inverse,  # noqa: E402
-                                              summarise, to_tensors)
+                                              to_tensors)
 
 
 def fd_resolution_rows(model, arrays, tensors, cube_mm, limit):
@@ -48,9 +49,10 @@ def fd_resolution_rows(model, arrays, tensors, cube_mm, limit):
             c = simulate_tensor(operator, [float(arrays["mu_d_mm"][n])], [float(arrays["mu_rho"][n])],
                                 [arrays["seed_ras_mm"][n].astype(np.float64)])[0].numpy()
         fd_times.append(time.perf_counter() - started)
-        box = cube_box_kji(tissue.geometry, arrays["crop_center_ras_mm"][n].astype(np.float64), cube_mm)
-        fine = crop_with_padding(c, box)
-        brain = crop_with_padding(tissue.brain_mask.astype(np.float32), box) > 0
+        frame = SurrogateFrame.around(arrays["crop_center_ras_mm"][n].astype(np.float64), tissue.geometry,
+                                      int(tensors["tissue"].shape[-1]), cube_mm)
+        fine = frame.crop_source(c)
+        brain = frame.crop_source(tissue.brain_mask)
         with torch.no_grad():
             coarse = model(tensors["tissue"][n:n + 1], tensors["parameters"][n:n + 1])
             upsampled = F.interpolate(coarse[:, None], size=fine.shape, mode="trilinear",

@@ -42,8 +42,8 @@ def main(argv=None):
                            simulation_spacing_mm=args.simulation_spacing)
     bar = tqdm(total=config.shards, desc="shards", unit="shard", file=sys.stderr)
 
-    def progress(done, total):
-        bar.n = done
+    def progress(fraction, message):
+        bar.n = round(fraction * config.shards)
         bar.refresh()
 
     started = time.perf_counter()
