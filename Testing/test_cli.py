@@ -197,7 +197,7 @@ def test_failed_write_leaves_nothing(labelmap, tmp_path, capsys, monkeypatch):
 
 
 def test_console_entry_point_help_and_error():
-    for command in ([], ["simulate"], ["demo"]):
+    for command in ([], ["simulate"], ["personalize"], ["demo"], ["batch"]):
         result = subprocess.run([sys.executable, "-m", "TumorPersonalizationLib.cli", *command, "--help"],
                                 capture_output=True, text=True)
         assert result.returncode == 0 and "usage:" in result.stdout
@@ -206,11 +206,3 @@ def test_console_entry_point_help_and_error():
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == "tumor-personalization: error: file not found: missing.nii"
-
-
-def test_demo_writes_outputs(tmp_path, capsys):
-    code, stdout, _ = run(["demo", "--out-dir", tmp_path / "demo", "--quiet"], capsys)
-    assert code == 0
-    summary = json.loads(stdout)
-    assert 20 < summary["visible_volume_cm3_c>=0.25"] < 300
-    assert {p.name for p in (tmp_path / "demo").iterdir()} == {"infiltration.nii.gz", "report.png", "parameters.json"}

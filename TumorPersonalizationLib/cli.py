@@ -1,4 +1,4 @@
-"""Command line: ``tumor-personalization simulate | demo``.
+"""Command line: ``tumor-personalization simulate | personalize | demo | batch``.
 
 Every option has --help; progress goes to stderr; bad input ends with a one-line error and exit code 2, and no
 output file is left half-written.
@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import List, Optional
 
 
+from .constants import CORE_THRESHOLD, EDEMA_THRESHOLD
 from .errors import InputError
-from .progress import BarProgress, JsonLinesProgress
+from .progress import BarProgress, Cancelled, JsonLinesProgress
 
 EXIT_INPUT_ERROR = 2
 ATLAS_NAMES = {"atlas": 2, "atlas-2mm": 2, "atlas-1mm": 1}
@@ -87,8 +88,10 @@ def _summary(tissue, concentration, parameters, runtime_s):
     return {
         **parameters.to_dict(),
         "runtime_s": round(runtime_s, 3),
-        "visible_volume_cm3_c>=0.25": round(tumor_volume_cm3(concentration.array, voxel, 0.25, tissue.brain_mask), 2),
-        "core_volume_cm3_c>=0.675": round(tumor_volume_cm3(concentration.array, voxel, 0.675, tissue.brain_mask), 2),
+        "visible_volume_cm3_c>=0.25": round(tumor_volume_cm3(concentration.array, voxel, EDEMA_THRESHOLD,
+                                                             tissue.brain_mask), 2),
+        "core_volume_cm3_c>=0.675": round(tumor_volume_cm3(concentration.array, voxel, CORE_THRESHOLD,
+                                                           tissue.brain_mask), 2),
         "grid": tissue.geometry.describe(),
     }
 
@@ -124,39 +127,347 @@ def _title(parameters, summary):
             f" cm^3, {summary['runtime_s']:.2f} s")
 
 
-# A right-hemisphere white-matter seed in MNI space and a mid-range tumor (front ~48 mm travelled).
+# A right-hemisphere white-matter seed in MNI space and a mid-range tumor (front ~48 mm travelled): the demo's hidden
+# truth, grown with time steps refined 2x so that no method matches it by construction.
 DEMO_SEED_RAS_MM = (28.0, -12.0, 24.0)
 DEMO_MU_D_MM = 8.0
 DEMO_MU_RHO = 3.0
 
 
+def _make_progress(mode: str, description: str):
+    if mode == "json":
+        return JsonLinesProgress()
+    return BarProgress(description, enabled=(mode == "bar"))
+
+
+def _add_personalize_options(parser, with_method_default=True):
+    from .constants import DEFAULT_METHOD, METHODS
+
+    group = parser.add_argument_group("personalisation")
+    group.add_argument("--method", choices=METHODS, default=None,
+                       help=f"inversion method (default: {DEFAULT_METHOD}, the best the benchmark shows within the "
+                            f"time target; see the README)")
+    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="where networks and solver run (default auto: CUDA when present)")
+    group.add_argument("--working-spacing", type=float, default=2.0, metavar="MM",
+                       help="voxel size of the grid the search's FD runs use (default 2 mm; the final run is always "
+                            "on the tissue's own grid)")
+    group.add_argument("--iso-level", type=float, metavar="C",
+                       help="also write plan_iso.nii.gz: brain voxels with concentration >= C")
+    group.add_argument("--margin", type=float, default=15.0, metavar="MM",
+                       help="margin of the standard plan around the tumor core (default 15 mm)")
+    group.add_argument("--edema-threshold", type=float, default=0.25,
+                       help="imaging model: concentration visible on FLAIR/T2 (default 0.25)")
+    group.add_argument("--core-threshold", type=float, default=0.675,
+                       help="imaging model: concentration visible on T1Gd (default 0.675)")
+    group.add_argument("--cma-budget", type=int, metavar="N",
+                       help="evaluation budget of the CMA-ES methods (default 3000 surrogate, 1500 solver runs)")
+    group.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                       help="progress on stderr: a bar, one JSON object per update ({\"fraction\", \"message\"}), "
+                            "or nothing")
+
+
+def _add_tumor_options(parser, required=True):
+    group = parser.add_argument_group("tumor")
+    group.add_argument("--tumor", required=required, help="observed tumor: a concentration map in [0, 1] or a "
+                                                          "segmentation (.nii.gz/.nrrd/.mha)")
+    group.add_argument("--tumor-kind", choices=("concentration", "segmentation"), default="concentration",
+                       help="what --tumor holds (default: concentration)")
+    group.add_argument("--tumor-labels", nargs=3, type=int, default=(1, 2, 3),
+                       metavar=("NECROTIC", "EDEMA", "ENHANCING"),
+                       help="segmentation labels (default BraTS 2023: 1 2 3; BraTS 2021: 1 2 4)")
+
+
+def _settings_from_args(args) -> dict:
+    """The personalisation settings of a command line, as plain values (a batch sends them to workers)."""
+    if args.working_spacing is not None and not 0.2 <= args.working_spacing <= 10:
+        raise InputError(f"--working-spacing {args.working_spacing:g} mm is outside [0.2, 10] mm")
+    if args.margin < 0:
+        raise InputError(f"--margin must be >= 0 mm, got {args.margin:g}")
+    if args.iso_level is not None and not 0 < args.iso_level < 1:
+        raise InputError(f"--iso-level must be in (0, 1), got {args.iso_level:g}")
+    if args.cma_budget is not None and args.cma_budget < 10:
+        raise InputError(f"--cma-budget must be at least 10 evaluations, got {args.cma_budget}")
+    from .observation import ImagingModel
+
+    ImagingModel(args.edema_threshold, args.core_threshold)  # validates the thresholds
+    return {"method": args.method, "device": args.device, "working_spacing_mm": args.working_spacing,
+            "iso_level": args.iso_level, "margin_mm": args.margin, "edema_threshold": args.edema_threshold,
+            "core_threshold": args.core_threshold, "cma_budget": args.cma_budget,
+            "tumor_kind": getattr(args, "tumor_kind", "concentration"),
+            "tumor_labels": list(getattr(args, "tumor_labels", (1, 2, 3)))}
+
+
+def _personalize(tissue, observation, settings: dict, progress):
+    from .inversion import InversionOptions
+    from .pipeline import personalize
+
+    options = InversionOptions()
+    if settings.get("cma_budget"):
+        from dataclasses import replace
+
+        options = replace(options, cma_surrogate_budget=settings["cma_budget"],
+                          cma_solver_budget=settings["cma_budget"])
+    return personalize(tissue, observation, method=settings.get("method"), progress=progress,
+                       device=settings.get("device", "auto"), working_spacing_mm=settings.get("working_spacing_mm"),
+                       options=options, iso_level=settings.get("iso_level"),
+                       margin_mm=settings.get("margin_mm", 15.0))
+
+
+def _load_observation(path, settings: dict):
+    from .observation import ImagingModel, Observation
+
+    return Observation.from_file(path, settings.get("tumor_kind", "concentration"),
+                                 tuple(settings.get("tumor_labels", (1, 2, 3))),
+                                 ImagingModel(settings.get("edema_threshold", 0.25),
+                                              settings.get("core_threshold", 0.675)))
+
+
+def _result_summary(result) -> dict:
+    return {**result.parameters.to_dict(), "method": result.method, "loss": result.loss,
+            "runtime_s": round(result.runtime_s, 2), "plans": result.plans.to_dict(), "fit": result.fit,
+            "warnings": result.warnings}
+
+
+def command_personalize(args) -> int:
+    from .pipeline import check_output_dir, write_outputs
+
+    settings = _settings_from_args(args)
+    check_output_dir(Path(args.out_dir))
+    from .pipeline import resolve_device
+
+    resolve_device(args.device)
+    tissue = load_tissue_from_args(args)
+    observation = _load_observation(args.tumor, settings)
+    progress = _make_progress(args.progress, "personalising")
+    try:
+        result = _personalize(tissue, observation, settings, progress)
+    finally:
+        progress.close()
+    write_outputs(result, args.out_dir)
+    for warning in result.warnings:
+        print(f"tumor-personalization: warning: {warning}", file=sys.stderr)
+    print(json.dumps({"out_dir": str(args.out_dir), **_result_summary(result)}, indent=2))
+    return 0
+
+
 def command_demo(args) -> int:
     from .atlas import load_atlas
+    from .metrics import compare
+    from .observation import Observation
     from .parameters import GrowthParameters
-    from .report import save_concentration_figure
+    from .pipeline import check_output_dir, write_outputs
+    from .solver import StepControl, simulate
 
-    from .imageio import check_writable_directory
-
+    settings = _settings_from_args(args)
     out_dir = Path(args.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--out-dir {out_dir} exists and is not a directory")
-    check_writable_directory(out_dir)
+    check_output_dir(out_dir)
     tissue = load_atlas(args.atlas_mm)
-    parameters = GrowthParameters(DEMO_SEED_RAS_MM, DEMO_MU_D_MM, DEMO_MU_RHO)
-    print(f"demo: bundled MNI ICBM152 atlas ({tissue.geometry.describe()}), simulating mu_D = {parameters.mu_d_mm} mm,"
-          f" mu_rho = {parameters.mu_rho}, seed {parameters.seed_ras_mm} RAS mm", file=sys.stderr)
-    concentration, runtime = _run_simulation(tissue, parameters, None, _check_device(args.device), args.quiet)
-    summary = _summary(tissue, concentration, parameters, runtime)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    concentration.save(out_dir / "infiltration.nii.gz")
-    picture = save_concentration_figure(out_dir / "report.png", tissue, concentration,
-                                        seed_ras_mm=parameters.seed_ras_mm, title=_title(parameters, summary))
+    truth = GrowthParameters(DEMO_SEED_RAS_MM, DEMO_MU_D_MM, DEMO_MU_RHO)
+    print(f"demo: bundled MNI ICBM152 atlas ({tissue.geometry.describe()}); a synthetic tumor with hidden parameters "
+          f"(seed {truth.seed_ras_mm} RAS mm, mu_D {truth.mu_d_mm} mm, mu_rho {truth.mu_rho}) given as a "
+          f"{args.tumor_kind}", file=sys.stderr)
+    hidden = simulate(tissue, truth, control=StepControl(refinement=2.0), device="cpu")
+    if args.tumor_kind == "segmentation":
+        import numpy as np
+
+        labels = np.zeros(hidden.array.shape, np.int16)
+        labels[hidden.array >= args.edema_threshold] = 2
+        labels[hidden.array >= args.core_threshold] = 3
+        observation = Observation.from_volume(tissue.volume(labels), "segmentation")
+    else:
+        observation = Observation.from_volume(hidden, "concentration")
+    progress = _make_progress(args.progress, "personalising")
+    try:
+        result = _personalize(tissue, observation, settings, progress)
+    finally:
+        progress.close()
+    p = result.parameters
+    scores = compare(result.concentration.array, hidden.array, tissue.brain_mask)
+    versus = {"true_parameters": truth.to_dict(),
+              "errors": {"seed_mm": round(float(sum((a - b) ** 2 for a, b in zip(p.seed_ras_mm,
+                                                                                  truth.seed_ras_mm)) ** 0.5), 2),
+                         "mu_d_relative": round(abs(p.mu_d_mm - truth.mu_d_mm) / truth.mu_d_mm, 4),
+                         "mu_rho_relative": round(abs(p.mu_rho - truth.mu_rho) / truth.mu_rho, 4)},
+              "metrics_vs_truth": {k: round(v, 5) for k, v in scores.items()}}
+    write_outputs(result, out_dir, extra=versus)
+    print(f"{'':10s} {'true':>22s} {'recovered':>22s}", file=sys.stderr)
+    print(f"{'seed RAS':10s} {_fmt_seed(truth.seed_ras_mm):>22s} {_fmt_seed(p.seed_ras_mm):>22s}", file=sys.stderr)
+    print(f"{'mu_D mm':10s} {truth.mu_d_mm:22.2f} {p.mu_d_mm:22.2f}", file=sys.stderr)
+    print(f"{'mu_rho':10s} {truth.mu_rho:22.2f} {p.mu_rho:22.2f}", file=sys.stderr)
+    print(f"NCC vs the hidden truth {scores['ncc']:.4f}, Dice 0.25 {scores['dice_0.25']:.3f}, {result.runtime_s:.1f} s "
+          f"({result.method})", file=sys.stderr)
+    print(json.dumps({"out_dir": str(out_dir), **_result_summary(result), **versus}, indent=2))
+    return 0
+
+
+def _fmt_seed(seed):
+    return "(" + ", ".join(f"{x:.1f}" for x in seed) + ")"
+
+
+# ---- batch ---------------------------------------------------------------------------------------------------------
+SUMMARY_COLUMNS = ("case", "status", "seed_x_mm", "seed_y_mm", "seed_z_mm", "mu_d_mm", "mu_rho", "loss", "runtime_s",
+                   "standard_cm3", "model_cm3", "warnings", "error")
+
+
+def read_cases(source) -> list:
+    """Cases of a batch: a CSV (columns case, tissue, tumor; optional tumor_kind) or a folder of case folders, each
+    holding tissue.* and tumor.* images. Relative paths in a CSV are relative to the CSV's folder."""
+    import csv
+
+    source = Path(source)
+    if not source.exists():
+        raise InputError(f"cases not found: {source}")
+    cases = []
+    if source.is_dir():
+        for folder in sorted(p for p in source.iterdir() if p.is_dir()):
+            found = {kind: sorted(folder.glob(f"{kind}.*")) for kind in ("tissue", "tumor")}
+            cases.append({"case": folder.name, "tissue": str(found["tissue"][0]) if found["tissue"] else "",
+                          "tumor": str(found["tumor"][0]) if found["tumor"] else ""})
+    else:
+        with open(source, newline="") as stream:
+            reader = csv.DictReader(stream)
+            missing = {"case", "tissue", "tumor"} - set(reader.fieldnames or ())
+            if missing:
+                raise InputError(f"{source}: the CSV needs the columns case, tissue, tumor (missing "
+                                 f"{', '.join(sorted(missing))})")
+            for row in reader:
+                row = {k: (v or "").strip() for k, v in row.items() if k}
+                for key in ("tissue", "tumor"):
+                    if row[key] and not Path(row[key]).is_absolute() and row[key] not in ATLAS_NAMES:
+                        row[key] = str(source.parent / row[key])
+                cases.append(row)
+    if not cases:
+        raise InputError(f"no cases in {source}")
+    names = [c["case"] for c in cases]
+    if len(set(names)) != len(names) or any(not n or "/" in n for n in names):
+        raise InputError(f"{source}: case names must be unique, non-empty and contain no '/'")
+    return cases
+
+
+def run_case(case: dict, out_root: str, settings: dict) -> dict:
+    """Personalise one case into out_root/CASE (a function of plain values, so a Dask worker can run it). Returns
+    its summary row; a failure is reported in the row, not raised."""
+    from .pipeline import write_outputs
+    from .tissue import Tissue
+
+    row = {"case": case["case"], "status": "failed"}
+    try:
+        case_settings = dict(settings)
+        if case.get("tumor_kind"):
+            case_settings["tumor_kind"] = case["tumor_kind"]
+        if not case.get("tissue") or not case.get("tumor"):
+            raise InputError("the case needs a tissue and a tumor image")
+        if case["tissue"] in ATLAS_NAMES:
+            from .atlas import load_atlas
+
+            tissue = load_atlas(ATLAS_NAMES[case["tissue"]])
+        else:
+            tissue = Tissue.from_file(case["tissue"])
+        result = _personalize(tissue, _load_observation(case["tumor"], case_settings), case_settings, None)
+        write_outputs(result, Path(out_root) / case["case"], extra={"case": case["case"]})
+        p = result.parameters
+        row.update(status="done", seed_x_mm=p.seed_ras_mm[0], seed_y_mm=p.seed_ras_mm[1], seed_z_mm=p.seed_ras_mm[2],
+                   mu_d_mm=p.mu_d_mm, mu_rho=p.mu_rho, loss=result.loss, runtime_s=round(result.runtime_s, 2),
+                   standard_cm3=result.plans.volumes_cm3["standard_cm3"],
+                   model_cm3=result.plans.volumes_cm3["model_cm3"], warnings=" | ".join(result.warnings))
+    except Exception as error:  # one broken case must not stop the others: report it in its row
+        row["error"] = " ".join(f"{type(error).__name__}: {error}".split()) if not isinstance(error, InputError) \
+            else " ".join(str(error).split())
+    return row
+
+
+def _previous_row(out_root: Path, case: dict):
+    path = out_root / case["case"] / "parameters.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    seed = data["seed_ras_mm"]
+    return {"case": case["case"], "status": "done", "seed_x_mm": seed[0], "seed_y_mm": seed[1], "seed_z_mm": seed[2],
+            "mu_d_mm": data["mu_d_mm"], "mu_rho": data["mu_rho"], "loss": data["loss"],
+            "runtime_s": data["runtime_s"], "standard_cm3": data["plans"]["standard_cm3"],
+            "model_cm3": data["plans"]["model_cm3"], "warnings": " | ".join(data.get("warnings", []))}
+
+
+def _write_summary(path: Path, rows: list) -> None:
+    import csv
+    import io
+
     from .imageio import atomic_write_bytes
 
-    atomic_write_bytes(out_dir / "parameters.json", (json.dumps(summary, indent=2) + "\n").encode())
-    print(json.dumps(summary, indent=2))
-    print(f"wrote {out_dir / 'infiltration.nii.gz'}, {picture}, {out_dir / 'parameters.json'}", file=sys.stderr)
-    return 0
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k, "") for k in SUMMARY_COLUMNS})
+    atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+def command_batch(args) -> int:
+    from .imageio import check_writable_directory
+
+    settings = _settings_from_args(args)
+    cases = read_cases(args.cases)
+    out_root = Path(args.out_dir)
+    if out_root.exists() and not out_root.is_dir():
+        raise InputError(f"--out-dir {out_root} exists and is not a directory")
+    check_writable_directory(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    todo = []
+    for case in cases:
+        previous = _previous_row(out_root, case)
+        if previous is not None:  # resumes: a case with a complete output set is done
+            rows[case["case"]] = previous
+        else:
+            todo.append(case)
+    print(f"batch: {len(cases)} cases, {len(cases) - len(todo)} already done, {len(todo)} to run", file=sys.stderr)
+    progress = _make_progress(args.progress, "cases")
+    summary_path = out_root / "summary.csv"
+
+    def finish(row):
+        rows[row["case"]] = row
+        if row["status"] != "done":
+            print(f"tumor-personalization: case {row['case']} failed: {row.get('error', '')}", file=sys.stderr)
+        _write_summary(summary_path, [rows[c["case"]] for c in cases if c["case"] in rows])
+        done = len(rows)
+        progress(done / len(cases), f"{done}/{len(cases)} cases")
+
+    try:
+        if args.scheduler or (args.workers and args.workers > 1):
+            _run_batch_on_dask(todo, str(out_root.resolve()), settings, args.scheduler, args.workers, finish)
+        else:
+            for case in todo:
+                finish(run_case(case, str(out_root), settings))
+        _write_summary(summary_path, [rows[c["case"]] for c in cases if c["case"] in rows])
+    finally:
+        progress.close()
+    failed = [r["case"] for r in rows.values() if r["status"] != "done"]
+    print(json.dumps({"cases": len(cases), "done": len(cases) - len(failed), "failed": failed,
+                      "summary": str(summary_path)}, indent=2))
+    return 1 if failed else 0
+
+
+def _run_batch_on_dask(cases, out_root, settings, scheduler, workers, finish):
+    try:
+        from distributed import Client, LocalCluster, as_completed
+    except ImportError:
+        raise InputError("--scheduler/--workers need Dask: pip install 'TumorPersonalizationLib[distributed]'") \
+            from None
+    cluster = None
+    if scheduler:
+        client = Client(scheduler)
+    else:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster)
+    try:
+        futures = [client.submit(run_case, case, out_root, settings, pure=False) for case in cases]
+        for future in as_completed(futures):
+            finish(future.result())
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,14 +494,43 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--quiet", action="store_true", help="no progress bar")
     simulate.set_defaults(handler=command_simulate)
 
-    demo = commands.add_parser("demo", help="simulate a typical tumor on the bundled atlas and draw it",
-                               description="Simulate a mid-range tumor on the bundled MNI atlas; write "
-                                           "infiltration.nii.gz, parameters.json and report.png.")
+    personalize = commands.add_parser(
+        "personalize", help="find the growth parameters that explain an observed tumor",
+        description="Personalise the growth model to a patient's tissue and tumor; write, as one set, "
+                    "parameters.json, infiltration.nii.gz, plan_standard.nii.gz, plan_model.nii.gz (plan_iso.nii.gz "
+                    "with --iso-level) and report.png into --out-dir.")
+    _add_tissue_options(personalize)
+    _add_tumor_options(personalize)
+    _add_personalize_options(personalize)
+    personalize.add_argument("--out-dir", required=True, help="output folder (new, empty, or a previous result)")
+    personalize.set_defaults(handler=command_personalize)
+
+    demo = commands.add_parser("demo", help="personalise a synthetic tumor with hidden parameters on the atlas",
+                               description="Grow a tumor with hidden parameters on the bundled MNI atlas, "
+                                           "personalise it with the default method, print recovered vs true "
+                                           "parameters and write the same outputs as personalize.")
     demo.add_argument("--out-dir", default="demo_output", help="output folder (default: demo_output)")
     demo.add_argument("--atlas-mm", type=int, choices=(1, 2), default=2, help="atlas resolution (default: 2)")
-    demo.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.add_argument("--tumor-kind", choices=("concentration", "segmentation"), default="concentration",
+                      help="give the hidden tumor as a concentration map or as a BraTS-style segmentation")
+    _add_personalize_options(demo)
     demo.set_defaults(handler=command_demo)
+
+    batch = commands.add_parser("batch", help="personalise many cases (locally or on a Dask cluster)",
+                                description="Personalise every case of a CSV (case,tissue,tumor[,tumor_kind]) or "
+                                            "of a folder of case folders (tissue.*, tumor.*) into OUT/CASE/, with "
+                                            "OUT/summary.csv. Resumes: cases with a complete output set are "
+                                            "skipped. Exit code 1 when any case failed.")
+    batch.add_argument("--cases", required=True, help="CSV file or folder of case folders")
+    batch.add_argument("--out-dir", required=True, help="output folder (one subfolder per case + summary.csv)")
+    batch.add_argument("--scheduler", metavar="ADDRESS", help="run on an existing Dask scheduler (tcp://host:port)")
+    batch.add_argument("--workers", type=int, default=1, help="local Dask worker processes (default 1: in-process)")
+    batch.add_argument("--tumor-kind", choices=("concentration", "segmentation"), default="concentration",
+                       help="default kind of the tumor images (a CSV column tumor_kind overrides it per case)")
+    batch.add_argument("--tumor-labels", nargs=3, type=int, default=(1, 2, 3),
+                       metavar=("NECROTIC", "EDEMA", "ENHANCING"), help="segmentation labels (default 1 2 3)")
+    _add_personalize_options(batch)
+    batch.set_defaults(handler=command_batch)
     return parser
 
 
@@ -208,8 +548,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"tumor-personalization: error: {error.strerror or error}: {error.filename or ''}".rstrip(": "),
               file=sys.stderr)
         return EXIT_INPUT_ERROR
-    except KeyboardInterrupt:
-        print("tumor-personalization: interrupted", file=sys.stderr)
+    except (KeyboardInterrupt, Cancelled):
+        print("tumor-personalization: interrupted; nothing was written", file=sys.stderr)
         return 130
 
 

@@ -28,6 +28,12 @@ EDEMA_THRESHOLD = 0.25
 CORE_THRESHOLD = 0.675
 VISIBLE_THRESHOLDS = (EDEMA_THRESHOLD, CORE_THRESHOLD)
 
+# ---- inversion methods ----------------------------------------------------------------------------------------------
+# Names of the inversion methods (inversion.py) and the default: the best the benchmark (benchmarks/inversion.py)
+# shows within the time target; the README says why.
+METHODS = ("hybrid-fd", "hybrid", "gb-surrogate", "direct", "cma-surrogate", "cma-solver")
+DEFAULT_METHOD = "hybrid-fd"
+
 # ---- clinical target volume -----------------------------------------------------------------------------------------
 # The standard radiotherapy plan: the tumor core grown by this margin (mm), clipped to the brain (ESTRO-EANO 2016
 # guideline for glioblastoma, the PREDICT-GBM benchmark's standard plan).

@@ -85,3 +85,84 @@ def save_concentration_figure(path, tissue: Tissue, concentration: Volume, title
     plt.close(figure)
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
+
+
+def save_result_figure(path, result) -> Path:
+    """The personalisation at a glance: three orthogonal slices through the observed tumor with the inferred
+    infiltration (colour, iso-lines at the imaging thresholds), the observed tumor (white dashed), the standard
+    15 mm plan (orange) and the equal-volume model plan (magenta), the seed (cross); and the loss curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    from .imageio import atomic_write_bytes
+
+    tissue, c = result.tissue, result.concentration.array
+    observation = result.observation
+    seed_kji = tissue.geometry.ras_to_index_kji(result.parameters.seed_ras_mm)
+    visible = observation.visible if observation is not None else c >= EDEMA_THRESHOLD
+    if np.any(visible > 0.5):
+        center = tuple(int(round(x)) for x in np.argwhere(visible > 0.5).mean(axis=0))
+    else:
+        center = slice_center(c, seed_kji)
+    background = tissue_background(tissue)
+    figure, axes = plt.subplots(1, 4, figsize=(17, 4.8), gridspec_kw={"width_ratios": [1, 1, 1, 1.1]})
+    overlays = [(observation.visible if observation is not None else None, "white", "dashed", [0.5]),
+                (result.plans.standard, "#ff9900", "solid", [0.5]), (result.plans.model, "#ff44ff", "solid", [0.5])]
+    seed_position = {"axial": (seed_kji[2], seed_kji[1]), "coronal": (seed_kji[2], seed_kji[0]),
+                     "sagittal": (seed_kji[1], seed_kji[0])}
+    for axis, (name, tissue_slice), (_, c_slice) in zip(axes, _slices(background, center), _slices(c, center)):
+        axis.imshow(tissue_slice, cmap="gray", origin="lower", vmin=0, vmax=1, interpolation="nearest")
+        colours = plt.get_cmap("inferno")(np.clip(c_slice, 0, 1))
+        colours[..., 3] = np.clip(0.15 + 0.85 * np.sqrt(np.clip(c_slice, 0, 1)), 0, 0.85) * (c_slice >= 1e-3)
+        axis.imshow(colours, origin="lower", interpolation="nearest")
+        if c_slice.max() >= EDEMA_THRESHOLD:
+            axis.contour(c_slice, levels=list(VISIBLE_THRESHOLDS), colors=["#55ccff", "#33ff66"], linewidths=0.8)
+        for mask, colour, style, levels in overlays:
+            if mask is None:
+                continue
+            (_, m_slice), = [s for s in _slices(np.asarray(mask, np.float32), center) if s[0] == name]
+            if m_slice.max() > 0.5:
+                axis.contour(m_slice, levels=levels, colors=[colour], linewidths=1.0, linestyles=style)
+        axis.plot(*seed_position[name], marker="+", color="cyan", markersize=9)
+        axis.set_title(name)
+        right, up = {"axial": ("+i", "+j"), "coronal": ("+i", "+k"), "sagittal": ("+j", "+k")}[name]
+        axis.set_xlabel(right, fontsize=8)
+        axis.set_ylabel(up, fontsize=8)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    axes[0].legend(handles=[Line2D([], [], color="white", linestyle="dashed", label="observed tumor"),
+                            Line2D([], [], color="#55ccff", label=f"model c = {EDEMA_THRESHOLD:g}"),
+                            Line2D([], [], color="#33ff66", label=f"model c = {CORE_THRESHOLD:g}"),
+                            Line2D([], [], color="#ff9900", label="standard plan (15 mm)"),
+                            Line2D([], [], color="#ff44ff", label="model plan (equal volume)"),
+                            Line2D([], [], color="cyan", marker="+", linestyle="none", label="seed")],
+                   loc="lower left", fontsize=6, framealpha=0.6)
+    loss_axis = axes[3]
+    kinds = {"surrogate": "tab:orange", "fd": "tab:blue"}
+    for kind, colour in kinds.items():
+        points = [(h["evaluation"], h["loss"]) for h in result.history if h["loss_kind"] == kind and h["loss"] > 0]
+        if points:
+            x, y = zip(*points)
+            loss_axis.semilogy(x, y, ".", markersize=3, color=colour,
+                               label="surrogate loss (frame)" if kind == "surrogate" else "FD data loss")
+    loss_axis.set_xlabel("loss evaluation")
+    loss_axis.set_ylabel("data loss")
+    loss_axis.set_title(f"{result.method}: {len(result.history)} evaluations, {result.runtime_s:.1f} s")
+    loss_axis.legend(fontsize=7)
+    p = result.parameters
+    seed = ", ".join(f"{x:.0f}" for x in p.seed_ras_mm)
+    volumes = result.plans.volumes_cm3
+    figure.suptitle(f"seed RAS ({seed}) mm, mu_D {p.mu_d_mm:.2f} mm, mu_rho {p.mu_rho:.2f}; fit NCC "
+                    f"{result.fit.get('ncc', float('nan')):.3f}, Dice visible {result.fit.get('dice_visible', 0):.2f};"
+                    f" plans {volumes['standard_cm3']:.0f} cm^3 each" + ("\n" + "; ".join(result.warnings)
+                                                                          if result.warnings else ""), fontsize=9)
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)

@@ -1,0 +1,847 @@
+"""3D Slicer scripted module "Tumor Personalization".
+
+Module (description), parameter node, Widget (the Qt panel in Resources/UI/TumorPersonalization.ui), Logic and Test.
+The Logic is a thin layer: it turns the selected nodes into the library's types through TumorPersonalizationLib.mrml,
+runs the library (in this process for console use, or as a background process running the library's command line
+for the panel, so Slicer stays responsive), and turns the results back into nodes.
+
+Console:
+    logic = slicer.util.getModuleLogic("TumorPersonalization")
+    result, nodes = logic.personalize(tissueNode, tumorNode, method=None)
+
+This file must parse and run on Python 3.9 (Slicer 5.6 and 5.8): typing.Optional, no "X | Y", no match.
+"""
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import vtk
+
+import slicer
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer import (
+    vtkMRMLLabelMapVolumeNode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+)
+from slicer.util import VTKObservationMixin
+
+try:
+    from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+except ImportError:  # slicer-core (the tests) has no parameterNodeWrapper: same fields, values held in memory
+    def parameterNodeWrapper(cls):
+        fields = list(getattr(cls, "__annotations__", {}))
+
+        def __init__(self, parameterNode=None):
+            self.parameterNode = parameterNode
+            for name in fields:
+                setattr(self, name, getattr(cls, name, None))
+
+        cls.__init__ = __init__
+        return cls
+
+    class Choice:
+        def __init__(self, choices):
+            self.choices = tuple(choices)
+
+    class WithinRange:
+        def __init__(self, minimum, maximum):
+            self.minimum, self.maximum = minimum, maximum
+
+
+def _makeLibraryImportable() -> None:
+    """TumorPersonalizationLib sits beside this file when the extension is installed, and one folder up in a source
+    checkout (module path set to <checkout>/TumorPersonalization in the Application Settings)."""
+    moduleDirectory = Path(__file__).resolve().parent
+    for candidate in (moduleDirectory, moduleDirectory.parent):
+        if (candidate / "TumorPersonalizationLib" / "__init__.py").exists():
+            if str(candidate) not in sys.path:
+                sys.path.insert(0, str(candidate))
+            return
+
+
+_makeLibraryImportable()
+
+from TumorPersonalizationLib import mrml  # noqa: E402  (after the path set-up above)
+from TumorPersonalizationLib.errors import InputError  # noqa: E402
+
+# Methods of TumorPersonalizationLib.inversion; the panel shows the first by default and the others under Advanced.
+METHODS = ("hybrid", "hybrid-fd", "gb-surrogate", "direct", "cma-surrogate", "cma-solver")
+DEVICES = ("auto", "cpu", "cuda")
+TISSUE_INPUTS = ("Segmentation (WM/GM/CSF segments)", "Label map", "Probability maps")
+TUMOR_INPUTS = ("Concentration map", "Tumor label map", "Tumor segmentation")
+# BraTS 2023 labels: 1 necrotic core, 2 edema, 3 enhancing (BraTS 2021: enhancing = 4).
+DEFAULT_TUMOR_LABELS = (1, 2, 3)
+DEFAULT_TISSUE_LABELS = {"csf": 1, "gm": 2, "wm": 3}
+
+# torch comes from Slicer's PyTorch extension; the rest through pip. Never numpy or SimpleITK: Slicer ships its own,
+# and the install below pins them to the versions already there.
+TORCH_REQUIREMENT = ">=2.1"
+PIP_REQUIREMENTS = {"scipy": "scipy>=1.7", "cma": "cma>=3.2", "tqdm": "tqdm>=4.60"}
+SLICER_OWNED_PACKAGES = ("numpy", "SimpleITK")
+
+# Output nodes are remembered on the tumor node under these reference roles, so a re-run replaces them.
+OUTPUT_ROLES = {
+    "infiltration": "TumorPersonalization.infiltration",
+    "plans": "TumorPersonalization.plans",
+    "seed": "TumorPersonalization.seed",
+    "table": "TumorPersonalization.results",
+}
+PLAN_SEGMENT_NAMES = mrml.PLAN_SEGMENT_NAMES
+
+HELP_TEXT = """
+<p>Personalises a Fisher-Kolmogorov brain-tumor growth model to one patient: from the brain tissue (white matter,
+grey matter, CSF) and an observed tumor (a tumor-cell concentration map or a tumor segmentation) it finds the growth
+parameters that explain the tumor, and returns the full 3-D infiltration map, including the tail beyond the visible
+border, with two radiotherapy target plans of equal volume to compare.</p>
+<p><b>Parameters</b> (a single scan cannot separate the diffusivity D, the proliferation rate rho and the tumor's age
+T, so time is folded in):</p>
+<ul>
+<li><b>seed</b>: where the tumor started, in patient RAS millimetres (the coordinates Slicer shows).</li>
+<li><b>mu_D</b> = sqrt(D_WM &middot; T), in mm: how far tumor cells spread in white matter during the tumor's
+life (grey matter: D/10; none into CSF).</li>
+<li><b>mu_rho</b> = sqrt(rho &middot; T), dimensionless: how much the tumor proliferated. The visible front has
+travelled about 2 mu_D mu_rho mm; the invisible tail decays over about mu_D / mu_rho mm.</li>
+</ul>
+<p><b>Outputs</b>: the infiltration volume (concentration 0 to 1, low values transparent), a segmentation with the
+standard plan (tumor core + 15 mm, within the brain) and the model plan (the highest-concentration brain voxels, same
+volume) with their volumes in cm&sup3;, the seed as a point, and a table of parameters and fit metrics.</p>
+<p><b>For research use only. Not for clinical decisions</b>: the results have not been validated for diagnosis or
+treatment planning of any patient.</p>
+"""
+
+ACKNOWLEDGEMENT_TEXT = """
+<p>The method, a neural surrogate of the growth solver that is trained forwards and then optimised backwards, started
+from a learned inverse network, follows the work of Weidner, Ezhov and colleagues. Please cite: J. Weidner, I. Ezhov
+et al., "A learnable prior improves inverse tumor growth modeling", IEEE Transactions on Medical Imaging, 2024
+(preprint on arXiv). The bundled brain atlas is derived from the MNI ICBM152 2009a template (Fonov et al.; see
+Resources/Atlas/NOTICE for its copyright).</p>
+"""
+
+
+# ---- module -----------------------------------------------------------------------------------------------------
+class TumorPersonalization(ScriptedLoadableModule):
+    """The module's description for Slicer (title, category, help, acknowledgement)."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "Tumor Personalization"
+        self.parent.categories = ["Tumor Modelling"]
+        # PyTorch is a run-time dependency (PyTorchUtils of the PyTorch extension, checked when a run starts), not a
+        # module dependency: the panel must open, and the generic tests pass, before torch is installed.
+        self.parent.dependencies = []
+        self.parent.contributors = ["TumorPersonalization contributors"]
+        self.parent.helpText = HELP_TEXT
+        self.parent.acknowledgementText = ACKNOWLEDGEMENT_TEXT
+
+
+# ---- parameter node -------------------------------------------------------------------------------------------------
+@parameterNodeWrapper
+class TumorPersonalizationParameterNode:
+    """The panel's state, stored in the scene. Every field is bound to the .ui widget whose SlicerParameterName
+    property names it."""
+
+    tissueInput: Annotated[str, Choice(TISSUE_INPUTS)] = TISSUE_INPUTS[0]
+    tissueSegmentation: Optional[vtkMRMLSegmentationNode]
+    wmSegmentName: str = "WM"
+    gmSegmentName: str = "GM"
+    csfSegmentName: str = "CSF"
+    tissueLabelmap: Optional[vtkMRMLLabelMapVolumeNode]
+    csfLabel: Annotated[int, WithinRange(0, 32767)] = DEFAULT_TISSUE_LABELS["csf"]
+    gmLabel: Annotated[int, WithinRange(0, 32767)] = DEFAULT_TISSUE_LABELS["gm"]
+    wmLabel: Annotated[int, WithinRange(0, 32767)] = DEFAULT_TISSUE_LABELS["wm"]
+    wmProbability: Optional[vtkMRMLScalarVolumeNode]
+    gmProbability: Optional[vtkMRMLScalarVolumeNode]
+    csfProbability: Optional[vtkMRMLScalarVolumeNode]
+
+    tumorInput: Annotated[str, Choice(TUMOR_INPUTS)] = TUMOR_INPUTS[0]
+    tumorConcentration: Optional[vtkMRMLScalarVolumeNode]
+    tumorLabelmap: Optional[vtkMRMLLabelMapVolumeNode]
+    tumorSegmentation: Optional[vtkMRMLSegmentationNode]
+    necroticLabel: Annotated[int, WithinRange(0, 255)] = DEFAULT_TUMOR_LABELS[0]
+    edemaLabel: Annotated[int, WithinRange(0, 255)] = DEFAULT_TUMOR_LABELS[1]
+    enhancingLabel: Annotated[int, WithinRange(0, 255)] = DEFAULT_TUMOR_LABELS[2]
+
+    background: Optional[vtkMRMLScalarVolumeNode]
+    method: Annotated[str, Choice(METHODS)] = METHODS[0]
+    device: Annotated[str, Choice(DEVICES)] = DEVICES[0]
+
+
+# ---- widget ---------------------------------------------------------------------------------------------------------
+class TumorPersonalizationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel: binds the .ui to the parameter node, starts a background run, follows and cancels it."""
+
+    POLL_INTERVAL_MS = 250
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._backgroundRun = None
+        self._pollTimer = None
+
+    def setup(self) -> None:
+        import qt
+
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/TumorPersonalization.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = TumorPersonalizationLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.personalizeButton.connect("clicked(bool)", self.onPersonalizeButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(self.POLL_INTERVAL_MS)
+        self._pollTimer.connect("timeout()", self.onPollBackgroundRun)
+
+        self.initializeParameterNode()
+        self._showRunning(False)
+        self._showResults(None)
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+        if self._backgroundRun is not None:
+            self._backgroundRun.cancel()
+            self._backgroundRun = None
+        if self._pollTimer is not None:
+            self._pollTimer.stop()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.onCancelButton()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            self._onParameterNodeModified()
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        """Show the selectors of the chosen input kinds; enable Personalise when the inputs are complete."""
+        parameters = self._parameterNode
+        if parameters is None:
+            return
+        self.ui.tissueSegmentationFrame.visible = parameters.tissueInput == TISSUE_INPUTS[0]
+        self.ui.tissueLabelmapFrame.visible = parameters.tissueInput == TISSUE_INPUTS[1]
+        self.ui.tissueProbabilityFrame.visible = parameters.tissueInput == TISSUE_INPUTS[2]
+        self.ui.tumorConcentrationSelector.visible = parameters.tumorInput == TUMOR_INPUTS[0]
+        self.ui.tumorLabelmapSelector.visible = parameters.tumorInput == TUMOR_INPUTS[1]
+        self.ui.tumorSegmentationSelector.visible = parameters.tumorInput == TUMOR_INPUTS[2]
+        self.ui.tumorLabelsFrame.visible = parameters.tumorInput != TUMOR_INPUTS[0]
+        missing = self.logic.missingInputs(parameters)
+        self.ui.personalizeButton.enabled = not missing and self._backgroundRun is None
+        self.ui.personalizeButton.toolTip = ("Select: " + ", ".join(missing)) if missing else \
+            "Find the growth parameters and the infiltration map (runs in the background)"
+
+    # ---- running ----------------------------------------------------------------------------------------------
+    def onPersonalizeButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Tumor personalization could not start."):
+            if not self.logic.ensureDependencies():
+                return
+            inputs = self.logic.inputsFromParameterNode(self._parameterNode)
+            self._backgroundRun = self.logic.startBackgroundRun(
+                inputs.pop("tissueNode"), inputs.pop("tumorNode"), method=self._parameterNode.method,
+                device=self._parameterNode.device, **inputs)
+            self._showRunning(True)
+            self._pollTimer.start()
+
+    def onPollBackgroundRun(self) -> None:
+        run = self._backgroundRun
+        if run is None:
+            self._pollTimer.stop()
+            return
+        finished = run.poll()
+        self.ui.progressBar.value = int(round(100 * run.fraction))
+        self.ui.statusLabel.text = run.message
+        if not finished:
+            return
+        self._pollTimer.stop()
+        self._backgroundRun = None
+        self._showRunning(False)
+        try:
+            with slicer.util.tryWithErrorDisplay("Tumor personalization failed."):
+                if run.returncode != 0:
+                    self.ui.statusLabel.text = "Failed; the scene was not changed."
+                    raise RuntimeError(run.errorMessage())
+                summary, _ = self.logic.loadOutputs(run.outputDirectory, run.anchorNode, run.backgroundNode)
+                self._showResults(summary)
+                self.ui.statusLabel.text = f"Done in {summary.get('runtime_s', 0):.1f} s"
+        finally:
+            run.cleanup()
+
+    def onCancelButton(self) -> None:
+        """Stop the background run; nothing is added to or changed in the scene."""
+        run = self._backgroundRun
+        if run is None:
+            return
+        self._pollTimer.stop()
+        self._backgroundRun = None
+        run.cancel()
+        self._showRunning(False)
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = "Cancelled; the scene was not changed."
+
+    def _showRunning(self, running: bool) -> None:
+        self.ui.cancelButton.enabled = running
+        self.ui.progressBar.visible = running
+        if running:
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = "Starting..."
+        self.ui.inputsCollapsibleButton.enabled = not running
+        self.ui.advancedCollapsibleButton.enabled = not running
+        self._onParameterNodeModified()
+
+    def _showResults(self, summary: Optional[Dict[str, Any]]) -> None:
+        labels = TumorPersonalizationLogic.resultLabels(summary or {})
+        self.ui.muDValueLabel.text = labels["mu_D"]
+        self.ui.muRhoValueLabel.text = labels["mu_rho"]
+        self.ui.seedValueLabel.text = labels["seed"]
+        self.ui.lossValueLabel.text = labels["loss"]
+        self.ui.runtimeValueLabel.text = labels["runtime"]
+        self.ui.planVolumesValueLabel.text = labels["plans"]
+        self.ui.warningsValueLabel.text = labels["warnings"]
+        self.ui.resultsCollapsibleButton.collapsed = summary is None
+
+
+# ---- background run -------------------------------------------------------------------------------------------------
+class BackgroundRun:
+    """A personalisation running as `python -m TumorPersonalizationLib.cli personalize ... --progress json` in a
+    temporary folder. Its stderr (a file, so the process never blocks on a full pipe) carries one JSON object per
+    progress update, {"fraction": f, "message": m}; other lines are kept for the error message."""
+
+    def __init__(self, process, workDirectory: Path, outputDirectory: Path, anchorNode=None, backgroundNode=None):
+        self.process = process
+        self.workDirectory = Path(workDirectory)
+        self.outputDirectory = Path(outputDirectory)
+        self.progressPath = self.workDirectory / "progress.log"
+        self.anchorNode = anchorNode
+        self.backgroundNode = backgroundNode
+        self.fraction = 0.0
+        self.message = "Starting..."
+        self.otherLines: List[str] = []
+        self._readOffset = 0
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self.process.poll()
+
+    def poll(self) -> bool:
+        """Read the progress written so far; True once the process has ended (all its lines read)."""
+        ended = self.process.poll() is not None
+        self._readNewLines(includePartialLine=ended)
+        return ended
+
+    def _readNewLines(self, includePartialLine: bool) -> None:
+        if not self.progressPath.exists():
+            return
+        with open(self.progressPath, "rb") as stream:
+            stream.seek(self._readOffset)
+            data = stream.read()
+        if not includePartialLine:
+            data = data[: data.rfind(b"\n") + 1]
+        self._readOffset += len(data)
+        for line in data.decode("utf-8", errors="replace").splitlines():
+            self._readLine(line.strip())
+
+    def _readLine(self, line: str) -> None:
+        if not line:
+            return
+        try:
+            update = json.loads(line)
+        except ValueError:
+            update = None
+        if isinstance(update, dict) and "fraction" in update:
+            self.fraction = min(max(float(update["fraction"]), 0.0), 1.0)
+            self.message = str(update.get("message", ""))
+        else:
+            self.otherLines.append(line)
+
+    def errorMessage(self) -> str:
+        """The command line's one-line error when it gave one, else the last thing it printed."""
+        for line in reversed(self.otherLines):
+            if "error:" in line:
+                return line.split("error:", 1)[1].strip()
+        tail = "\n".join(self.otherLines[-15:])
+        return f"the personalisation process ended with code {self.returncode}" + (f":\n{tail}" if tail else "")
+
+    def wait(self, timeout: Optional[float] = None, pollInterval: float = 0.2) -> int:
+        """Block until the process ends (console and tests); returns its exit code."""
+        started = time.monotonic()
+        while not self.poll():
+            if timeout is not None and time.monotonic() - started > timeout:
+                raise TimeoutError(f"personalisation still running after {timeout:g} s")
+            time.sleep(pollInterval)
+        return self.returncode
+
+    def cancel(self) -> None:
+        """End the process and delete its folder; the scene was never touched by a run in progress."""
+        if self.process.poll() is None:
+            self.process.kill()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # pragma: no cover - kill is not refused
+                logging.warning("TumorPersonalization: background process did not end after kill")
+        self.message = "Cancelled"
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.workDirectory, ignore_errors=True)
+
+
+# ---- logic ----------------------------------------------------------------------------------------------------------
+class TumorPersonalizationLogic(ScriptedLoadableModuleLogic):
+    """Moves nodes to and from TumorPersonalizationLib; no modelling code lives here."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+
+    def getParameterNode(self):
+        return TumorPersonalizationParameterNode(super().getParameterNode())
+
+    # ---- dependencies -------------------------------------------------------------------------------------------
+    @staticmethod
+    def missingPythonPackages() -> List[str]:
+        """pip requirements of the library that are not importable (torch is handled apart)."""
+        return [requirement for module, requirement in PIP_REQUIREMENTS.items()
+                if importlib.util.find_spec(module) is None]
+
+    @staticmethod
+    def torchAvailable() -> bool:
+        """Whether torch is installed: PyTorchUtils' torchInstalled() with the PyTorch extension, else a look for
+        the package. Never PyTorchUtils' `torch` property, which would install it."""
+        try:
+            import PyTorchUtils  # noqa: F401  (Slicer's PyTorch extension)
+
+            return bool(PyTorchUtils.PyTorchUtilsLogic.torchInstalled())
+        except ImportError:
+            return importlib.util.find_spec("torch") is not None
+
+    def ensureDependencies(self) -> bool:
+        """Make torch (through the PyTorch extension) and the pip packages available, after asking once.
+        Returns False when the user declines. Never installs in testing mode (where Slicer's confirmation
+        dialogs answer OK by themselves): raises instead."""
+        torchMissing = not self.torchAvailable()
+        missingPackages = self.missingPythonPackages()
+        if not torchMissing and not missingPackages:
+            return True
+        needed = (["PyTorch (torch " + TORCH_REQUIREMENT + ", from the PyTorch extension)"] if torchMissing else []) \
+            + missingPackages
+        if hasattr(slicer, "app") and slicer.app.testingEnabled():
+            raise RuntimeError("Tumor Personalization needs " + ", ".join(needed) + "; they are not installed "
+                               "automatically while testing.")
+        if not hasattr(slicer, "app"):
+            raise RuntimeError("Tumor Personalization needs " + ", ".join(needed) + ": install them with pip.")
+        if torchMissing:
+            try:
+                import PyTorchUtils  # noqa: F401
+            except ImportError:
+                raise RuntimeError("Tumor Personalization needs the PyTorch extension: install 'PyTorch' from the "
+                                   "Extensions Manager and restart Slicer.") from None
+        if not slicer.util.confirmOkCancelDisplay(
+                "Tumor Personalization needs these Python packages, which are not installed yet:\n\n  "
+                + "\n  ".join(needed) + "\n\nInstall them now? This can take several minutes.",
+                "Tumor Personalization: install dependencies"):
+            return False
+        if torchMissing:
+            import PyTorchUtils
+
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                                  torchVersionRequirement=TORCH_REQUIREMENT)
+            if torch is None:
+                raise RuntimeError("PyTorch was not installed")
+        if missingPackages:
+            self._pipInstallKeepingSlicerPackages(missingPackages)
+        return True
+
+    @staticmethod
+    def _pipInstallKeepingSlicerPackages(requirements: Sequence[str]) -> None:
+        """pip install with numpy and SimpleITK pinned to the versions Slicer ships (a constraints file)."""
+        from importlib import metadata
+
+        pins = []
+        for package in SLICER_OWNED_PACKAGES:
+            try:
+                pins.append(f"{package}=={metadata.version(package)}")
+            except metadata.PackageNotFoundError:  # not installed as a distribution: pip will not replace it either
+                pass
+        with tempfile.TemporaryDirectory() as folder:
+            constraints = Path(folder) / "slicer-constraints.txt"
+            constraints.write_text("\n".join(pins) + "\n")
+            slicer.util.pip_install(list(requirements) + ["-c", str(constraints)])
+
+    # ---- inputs -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def missingInputs(parameters) -> List[str]:
+        """Names of the selections the panel still needs (empty when Personalise can run)."""
+        missing = []
+        if parameters.tissueInput == TISSUE_INPUTS[0] and not parameters.tissueSegmentation:
+            missing.append("tissue segmentation")
+        elif parameters.tissueInput == TISSUE_INPUTS[1] and not parameters.tissueLabelmap:
+            missing.append("tissue label map")
+        elif parameters.tissueInput == TISSUE_INPUTS[2]:
+            missing += [f"{name} probability map" for name, node in (
+                ("WM", parameters.wmProbability), ("GM", parameters.gmProbability),
+                ("CSF", parameters.csfProbability)) if not node]
+        tumorNode = TumorPersonalizationLogic._tumorNodeOf(parameters)
+        if not tumorNode:
+            missing.append(parameters.tumorInput.lower())
+        return missing
+
+    @staticmethod
+    def _tumorNodeOf(parameters):
+        return {TUMOR_INPUTS[0]: parameters.tumorConcentration, TUMOR_INPUTS[1]: parameters.tumorLabelmap,
+                TUMOR_INPUTS[2]: parameters.tumorSegmentation}[parameters.tumorInput]
+
+    def inputsFromParameterNode(self, parameters) -> Dict[str, Any]:
+        """The arguments of personalize/startBackgroundRun (tissueNode, tumorNode and options) from the panel."""
+        missing = self.missingInputs(parameters)
+        if missing:
+            raise InputError("select: " + ", ".join(missing))
+        if parameters.tissueInput == TISSUE_INPUTS[0]:
+            tissueNode = parameters.tissueSegmentation
+        elif parameters.tissueInput == TISSUE_INPUTS[1]:
+            tissueNode = parameters.tissueLabelmap
+        else:
+            tissueNode = (parameters.wmProbability, parameters.gmProbability, parameters.csfProbability)
+        return {
+            "tissueNode": tissueNode,
+            "tumorNode": self._tumorNodeOf(parameters),
+            "tumorKind": "concentration" if parameters.tumorInput == TUMOR_INPUTS[0] else "segmentation",
+            "segmentNames": {"wm": parameters.wmSegmentName, "gm": parameters.gmSegmentName,
+                             "csf": parameters.csfSegmentName},
+            "tissueLabels": {"csf": parameters.csfLabel, "gm": parameters.gmLabel, "wm": parameters.wmLabel},
+            "tumorLabels": (parameters.necroticLabel, parameters.edemaLabel, parameters.enhancingLabel),
+            "backgroundNode": parameters.background,
+        }
+
+    @staticmethod
+    def tissueFromNode(tissueNode, segmentNames: Optional[Dict[str, str]] = None,
+                       tissueLabels: Optional[Dict[str, int]] = None):
+        """A Tissue from a segmentation node (WM/GM/CSF segments), a label map volume node (or a scalar volume
+        holding labels), or a sequence of three probability volume nodes (WM, GM, CSF)."""
+        from TumorPersonalizationLib.tissue import TissueLabels
+
+        if isinstance(tissueNode, (list, tuple)):
+            if len(tissueNode) != 3:
+                raise InputError("probability maps: give three volumes, WM, GM and CSF")
+            return mrml.tissue_from_probability_nodes(*tissueNode)
+        if tissueNode is None:
+            raise InputError("no tissue selected")
+        if tissueNode.IsA("vtkMRMLSegmentationNode"):
+            return mrml.tissue_from_segmentation_node(tissueNode, segment_names=segmentNames)
+        labels = TissueLabels(**(tissueLabels or DEFAULT_TISSUE_LABELS))
+        return mrml.tissue_from_labelmap_node(tissueNode, labels)
+
+    @staticmethod
+    def tumorVolumeFromNode(tumorNode, tissueGeometry, tumorKind: Optional[str] = None,
+                            tumorLabels: Sequence[int] = DEFAULT_TUMOR_LABELS) -> Tuple[Any, str]:
+        """(Volume, kind) of the observed tumor. A segmentation node becomes a label map on the tissue's grid with
+        the given (NECROTIC, EDEMA, ENHANCING) values; a label map volume is a segmentation; another scalar volume is
+        a concentration map unless tumorKind says otherwise. Other grids are resampled by the library."""
+        if tumorNode is None:
+            raise InputError("no tumor selected")
+        if tumorNode.IsA("vtkMRMLSegmentationNode"):
+            mapping = mrml.tumor_segment_labels(tumorNode, tumorLabels)
+            return mrml.labels_from_segmentation_node(tumorNode, tissueGeometry, mapping), "segmentation"
+        kind = tumorKind or ("segmentation" if tumorNode.IsA("vtkMRMLLabelMapVolumeNode") else "concentration")
+        if kind not in ("concentration", "segmentation"):
+            raise InputError(f"tumor kind must be 'concentration' or 'segmentation', got {kind!r}")
+        return mrml.volume_from_node(tumorNode), kind
+
+    @staticmethod
+    def defaultBackgroundNode(tissueNode):
+        """The image to show results over when none is chosen: the tissue segmentation's reference volume."""
+        if tissueNode is not None and not isinstance(tissueNode, (list, tuple)) \
+                and tissueNode.IsA("vtkMRMLSegmentationNode"):
+            return tissueNode.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole())
+        return None
+
+    # ---- in-process run (console) -------------------------------------------------------------------------------
+    def personalize(self, tissueNode, tumorNode, method: Optional[str] = None, device: str = "auto",
+                    progress: Optional[Callable[[float, str], None]] = None, cancel=None, **options):
+        """Personalise in this process and show the results. Returns (result, nodes).
+
+        tissueNode: segmentation (WM/GM/CSF segments), label map volume, or (WM, GM, CSF) probability volumes.
+        tumorNode: concentration volume, tumor label map volume, or tumor segmentation.
+        method: None for the library's default. progress(fraction, message), cancel (anything with is_set()): a
+        cancelled run raises TumorPersonalizationLib.progress.Cancelled and leaves the scene unchanged.
+        options: segmentNames {"wm", "gm", "csf": name}, tissueLabels {"csf", "gm", "wm": value}, tumorKind,
+        tumorLabels (NECROTIC, EDEMA, ENHANCING), backgroundNode.
+        nodes: {"infiltration", "plans", "seed", "table"}; a re-run with the same tumor node replaces them.
+        """
+        from TumorPersonalizationLib.observation import Observation
+        from TumorPersonalizationLib.pipeline import personalize
+
+        options = dict(options)
+        backgroundNode = options.pop("backgroundNode", None)
+        tissue, tumorVolume, kind, tumorLabels = self._prepareInputs(tissueNode, tumorNode, options)
+        observation = Observation.from_volume(tumorVolume, kind=kind, labels=tumorLabels)
+        result = personalize(tissue, observation, method=method, device=device, progress=progress, cancel=cancel)
+        plans = {"standard": result.plans.standard, "model": result.plans.model,
+                 "iso": getattr(result.plans, "iso", None)}
+        nodes = self.showOutputs(result.to_dict(), result.concentration, plans, tumorNode,
+                                 backgroundNode or self.defaultBackgroundNode(tissueNode))
+        return result, nodes
+
+    def _prepareInputs(self, tissueNode, tumorNode, options: Dict[str, Any]):
+        unknown = set(options) - {"segmentNames", "tissueLabels", "tumorKind", "tumorLabels"}
+        if unknown:
+            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        tissue = self.tissueFromNode(tissueNode, options.get("segmentNames"), options.get("tissueLabels"))
+        tumorLabels = tuple(int(v) for v in options.get("tumorLabels") or DEFAULT_TUMOR_LABELS)
+        tumorVolume, kind = self.tumorVolumeFromNode(tumorNode, tissue.geometry, options.get("tumorKind"),
+                                                     tumorLabels)
+        return tissue, tumorVolume, kind, tumorLabels
+
+    # ---- background run (panel) ---------------------------------------------------------------------------------
+    def startBackgroundRun(self, tissueNode, tumorNode, method: Optional[str] = None, device: str = "auto",
+                           **options) -> BackgroundRun:
+        """Write the inputs to a temporary folder and start the library's command line on them; returns the run to
+        poll (BackgroundRun.poll) and, when it ended with code 0, to load with loadOutputs(run.outputDirectory,
+        run.anchorNode, run.backgroundNode). Options as for personalize."""
+        options = dict(options)
+        backgroundNode = options.pop("backgroundNode", None) or self.defaultBackgroundNode(tissueNode)
+        tissue, tumorVolume, kind, tumorLabels = self._prepareInputs(tissueNode, tumorNode, options)
+        workDirectory = Path(tempfile.mkdtemp(prefix="TumorPersonalization-"))
+        try:
+            tissuePath, tumorPath = workDirectory / "tissue.nii.gz", workDirectory / "tumor.nii.gz"
+            self.writeTissueFractions(tissue, tissuePath)
+            tumorVolume.save(tumorPath)
+            outputDirectory = workDirectory / "output"
+            command = self.personalizeCommand(tissuePath, tumorPath, kind, tumorLabels, method, device,
+                                              outputDirectory)
+            with open(workDirectory / "progress.log", "wb") as progressFile, \
+                    open(workDirectory / "stdout.log", "wb") as outputFile:
+                process = subprocess.Popen(command, stdout=outputFile, stderr=progressFile, cwd=str(workDirectory),
+                                           env=self._subprocessEnvironment(), **self._hiddenWindowOptions())
+        except BaseException:
+            shutil.rmtree(workDirectory, ignore_errors=True)
+            raise
+        logging.info("TumorPersonalization: started %s", " ".join(command))
+        return BackgroundRun(process, workDirectory, outputDirectory, tumorNode, backgroundNode)
+
+    @staticmethod
+    def personalizeCommand(tissuePath, tumorPath, tumorKind: str, tumorLabels: Sequence[int],
+                           method: Optional[str], device: str, outputDirectory) -> List[str]:
+        """The command line of a background run (machine-readable progress on stderr)."""
+        command = [TumorPersonalizationLogic.pythonExecutable(), "-m", "TumorPersonalizationLib.cli", "personalize",
+                   "--tissue", str(tissuePath), "--tumor", str(tumorPath), "--tumor-kind", tumorKind]
+        if tumorKind == "segmentation":
+            command += ["--tumor-labels"] + [str(int(v)) for v in tumorLabels]
+        if method:
+            command += ["--method", method]
+        command += ["--device", device or "auto", "--progress", "json", "--out-dir", str(outputDirectory)]
+        return command
+
+    @staticmethod
+    def pythonExecutable() -> str:
+        """Slicer's Python launcher inside the application (sets up Slicer's paths), else this interpreter."""
+        if hasattr(slicer, "app"):
+            launcher = shutil.which("PythonSlicer")
+            if launcher:
+                return launcher
+        return sys.executable
+
+    @staticmethod
+    def _subprocessEnvironment() -> Dict[str, str]:
+        import TumorPersonalizationLib
+
+        if hasattr(slicer, "app") and hasattr(slicer.util, "startupEnvironment"):
+            environment = dict(slicer.util.startupEnvironment())  # PythonSlicer sets Slicer's own paths
+        else:
+            environment = dict(os.environ)
+        libraryParent = str(Path(TumorPersonalizationLib.__file__).resolve().parents[1])
+        environment["PYTHONPATH"] = os.pathsep.join(p for p in (libraryParent, environment.get("PYTHONPATH")) if p)
+        environment["PYTHONUNBUFFERED"] = "1"
+        return environment
+
+    @staticmethod
+    def _hiddenWindowOptions() -> Dict[str, Any]:
+        if os.name == "nt":  # no console window popping up on Windows
+            return {"creationflags": subprocess.CREATE_NO_WINDOW}
+        return {}
+
+    @staticmethod
+    def writeTissueFractions(tissue, path) -> None:
+        """The tissue as one 3-component (WM, GM, CSF) fraction image, the form the command line reads back exactly."""
+        import numpy as np
+        import SimpleITK as sitk
+
+        from TumorPersonalizationLib.imageio import write_image
+
+        fractions = np.stack([tissue.wm, tissue.gm, tissue.csf], axis=-1).astype(np.float32)
+        image = sitk.GetImageFromArray(fractions, isVector=True)
+        tissue.geometry.apply_to_sitk(image)
+        write_image(image, path)
+
+    # ---- results -> scene ---------------------------------------------------------------------------------------
+    def loadOutputs(self, outputDirectory, anchorNode, backgroundNode=None):
+        """Read a command-line output folder (parameters.json, infiltration.nii.gz, plan_*.nii.gz) into nodes beside
+        anchorNode (the tumor input). Returns (summary, nodes)."""
+        from TumorPersonalizationLib.geometry import Volume
+
+        outputDirectory = Path(outputDirectory)
+        parametersPath = outputDirectory / "parameters.json"
+        if not parametersPath.exists():
+            raise InputError(f"no parameters.json in {outputDirectory}: the run wrote no results")
+        summary = json.loads(parametersPath.read_text())
+        concentration = Volume.load(outputDirectory / "infiltration.nii.gz")
+        plans = {}
+        for key in PLAN_SEGMENT_NAMES:
+            path = outputDirectory / f"plan_{key}.nii.gz"
+            if path.exists():
+                plan = Volume.load(path)
+                if not plan.geometry.same_grid(concentration.geometry):
+                    raise InputError(f"{path.name} is not on the infiltration map's grid")
+                plans[key] = plan.array
+        return summary, self.showOutputs(summary, concentration, plans, anchorNode, backgroundNode)
+
+    def showOutputs(self, summary: Dict[str, Any], concentration, plans: Dict[str, Any], anchorNode,
+                    backgroundNode=None) -> Dict[str, Any]:
+        """Create or update the output nodes of the run on anchorNode (the tumor input): infiltration volume,
+        target-plan segmentation, seed point, results table; placed beside the anchor in the subject hierarchy."""
+        scene = anchorNode.GetScene() if anchorNode is not None and anchorNode.GetScene() else slicer.mrmlScene
+        baseName = anchorNode.GetName() if anchorNode is not None else "Tumor"
+        nodes = mrml.result_nodes(scene, summary, concentration, plans, baseName, self.outputNodes(anchorNode))
+        for key, node in nodes.items():
+            mrml.place_beside(node, anchorNode)
+            if anchorNode is not None:
+                anchorNode.SetNodeReferenceID(OUTPUT_ROLES[key], node.GetID())
+        self._showInViews(nodes["infiltration"], backgroundNode)
+        return nodes
+
+    @staticmethod
+    def outputNodes(anchorNode) -> Dict[str, Any]:
+        """The output nodes of an earlier run on this tumor node (those still in the scene)."""
+        if anchorNode is None:
+            return {}
+        found = {}
+        for key, role in OUTPUT_ROLES.items():
+            node = anchorNode.GetNodeReference(role)
+            if node is not None:
+                found[key] = node
+        return found
+
+    @staticmethod
+    def _showInViews(infiltrationNode, backgroundNode) -> None:
+        """Infiltration as foreground over the patient image in the slice views (only with the application)."""
+        if not hasattr(slicer, "app"):
+            return
+        background = backgroundNode if backgroundNode is not None else False  # False: keep the current background
+        slicer.util.setSliceViewerLayers(background=background, foreground=infiltrationNode, foregroundOpacity=0.6,
+                                         fit=False)
+
+    @staticmethod
+    def resultLabels(summary: Dict[str, Any]) -> Dict[str, str]:
+        """The results box's texts from parameters.json content ("-" where there is nothing yet)."""
+        def number(key, fmt):
+            value = summary.get(key)
+            return "-" if value is None else format(float(value), fmt)
+
+        seed = summary.get("seed_ras_mm")
+        plans = summary.get("plans") or {}
+        warnings = summary.get("warnings") or []
+        planParts = [f"{label} {plans[key]:.1f} cm\u00b3" for key, label in
+                     (("standard_cm3", "standard"), ("model_cm3", "model"), ("iso_cm3", "iso")) if key in plans]
+        return {
+            "mu_D": "-" if summary.get("mu_d_mm") is None else f"{float(summary['mu_d_mm']):.2f} mm",
+            "mu_rho": number("mu_rho", ".2f"),
+            "seed": "-" if not seed else "(" + ", ".join(f"{float(v):.1f}" for v in seed) + ") mm RAS",
+            "loss": number("loss", ".4g"),
+            "runtime": "-" if summary.get("runtime_s") is None else f"{float(summary['runtime_s']):.1f} s",
+            "plans": ", ".join(planParts) or "-",
+            "warnings": "\n".join(str(w) for w in warnings) or "none",
+        }
+
+
+# ---- self-test ------------------------------------------------------------------------------------------------------
+class TumorPersonalizationTest(ScriptedLoadableModuleTest):
+    """Runs the Logic on the bundled 2 mm atlas with a small synthetic tumor of known parameters (no download)."""
+
+    TRUE_SEED_RAS_MM = (28.0, -12.0, 24.0)
+    TRUE_MU_D_MM = 5.0
+    TRUE_MU_RHO = 2.0
+
+    def setUp(self) -> None:
+        slicer.mrmlScene.Clear()
+
+    def runTest(self) -> None:
+        self.setUp()
+        self.test_PersonalizeSyntheticTumorOnAtlas()
+
+    def test_PersonalizeSyntheticTumorOnAtlas(self) -> None:
+        import numpy as np
+
+        logic = TumorPersonalizationLogic()
+        if not logic.torchAvailable() or logic.missingPythonPackages():
+            self.skipTest("PyTorch or the pip dependencies are not installed (they are never installed by a test)")
+        from TumorPersonalizationLib import GrowthParameters, load_atlas, simulate
+        from TumorPersonalizationLib.geometry import Volume
+
+        self.delayDisplay("Simulating a synthetic tumor on the bundled 2 mm atlas")
+        atlas = load_atlas(2)
+        truth = GrowthParameters(self.TRUE_SEED_RAS_MM, self.TRUE_MU_D_MM, self.TRUE_MU_RHO)
+        concentration = simulate(atlas, truth)
+        scene = slicer.mrmlScene
+        probabilityNodes = tuple(mrml.volume_to_node(scene, Volume(fraction, atlas.geometry), f"atlas {name}")
+                                 for name, fraction in (("WM", atlas.wm), ("GM", atlas.gm), ("CSF", atlas.csf)))
+        tumorNode = mrml.volume_to_node(scene, concentration, "synthetic tumor")
+
+        self.delayDisplay("Personalising")
+        fractions = []
+        result, nodes = logic.personalize(probabilityNodes, tumorNode, progress=lambda f, m: fractions.append(f))
+
+        self.assertTrue(fractions and fractions[-1] >= 0.99, "progress reached the end")
+        self.assertIsNotNone(scene.GetNodeByID(nodes["infiltration"].GetID()), "infiltration node in the scene")
+        ratio = result.parameters.mu_d_mm / self.TRUE_MU_D_MM
+        self.assertTrue(0.5 <= ratio <= 2.0, f"mu_D {result.parameters.mu_d_mm:.2f} mm vs true {self.TRUE_MU_D_MM}")
+        seedError = float(np.linalg.norm(np.subtract(result.parameters.seed_ras_mm, self.TRUE_SEED_RAS_MM)))
+        self.assertLess(seedError, 15.0, f"seed {seedError:.1f} mm from the truth")
+        infiltration = mrml.volume_from_node(nodes["infiltration"])
+        self.assertTrue(infiltration.geometry.same_grid(atlas.geometry), "infiltration on the tissue's grid")
+        self.assertEqual(mrml.segment_names(nodes["plans"]), [PLAN_SEGMENT_NAMES["standard"],
+                                                              PLAN_SEGMENT_NAMES["model"]])
+        table = mrml.dict_from_table_node(nodes["table"])
+        self.assertAlmostEqual(float(table["mu_d_mm"]), result.parameters.mu_d_mm, places=3)
+        self.delayDisplay("Test passed")

@@ -1,0 +1,484 @@
+"""Inversion methods: find growth parameters whose forward run explains an observed tumor.
+
+Every method is one function ``method(problem) -> Candidate`` over two forward models with the same interface
+(a batch of parameters in, one data loss per member out):
+- ``FDModel``: the finite-difference solver on the working grid (2 mm by default): slow, right, differentiable;
+- ``SurrogateModel``: the frozen neural surrogate in its frame around the tumor: fast, differentiable, approximate.
+
+Methods (the published comparison plus an FD-gradient polish):
+- ``direct``: the inverse network alone (one forward pass).
+- ``gb-surrogate``: L-BFGS-B on the surrogate's loss with autograd gradients, from the inverse net's answer, until
+  the loss changes by < 1e-7 per iteration.
+- ``hybrid``: direct, then gb-surrogate; both candidates are run with the FD solver and the one with the lower FD data
+  loss is kept (never the surrogate's own loss, which far from its training data can fall while the fit worsens,
+  and never the ground truth).
+- ``hybrid-fd``: hybrid's winner refined by a few L-BFGS-B iterations with gradients through the differentiable FD
+  solver on the working grid, so the surrogate's error no longer limits the fit.
+- ``cma-surrogate``: bounded CMA-ES (the ``cma`` package) on the surrogate, candidates evaluated in batches,
+  gradients unused.
+- ``cma-solver``: the classical baseline, bounded CMA-ES around the FD solver, with an evaluation budget.
+
+The search space is bounded: the seed to brain voxels within the visible tumor dilated by 15 mm (the inverse net's
+worst seed errors are about that; unbounded, a surrogate-driven search moved seeds out of the brain), mu_D and mu_rho
+to the model card's ranges for network work and to the solver's bounds for FD work. Optimisers work in the unit cube
+of that box, and a seed that ends outside the allowed voxels is projected onto the nearest allowed voxel.
+"""
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .constants import METHODS, STANDARD_MARGIN_MM
+from .errors import InputError
+from .frame import SurrogateFrame
+from .geometry import Geometry
+from .observation import GriddedObservation
+from .parameters import MU_D_MM_BOUNDS, MU_RHO_BOUNDS, GrowthParameters
+from .progress import ProgressCallback, check_cancel, report, sub_progress
+from .solver import StepControl, TissueOperator, simulate_tensor
+from .tissue import Tissue
+
+# Smallest mu_D (mm) and mu_rho searched: below them a tumor hardly grows in its lifetime and the data carry no
+# information (the training prior's smallest kept values were 0.9 mm and 1.7).
+MIN_MU_D_MM = 0.5
+MIN_MU_RHO = 0.5
+
+
+@dataclass(frozen=True)
+class InversionOptions:
+    """Tunable settings of the methods (all have defaults that the benchmark used)."""
+
+    surrogate: str = "surrogate32"
+    inverse: str = "inverse32"
+    seed_margin_mm: float = STANDARD_MARGIN_MM
+    gb_ftol: float = 1e-7  # gb-surrogate stops when the loss changes by less than this per iteration
+    gb_max_iterations: int = 200
+    fd_iterations: int = 5  # hybrid-fd: L-BFGS-B iterations with FD gradients
+    fd_max_evaluations: int = 8
+    cma_sigma0: float = 0.25  # initial step, in units of the search box
+    cma_surrogate_budget: int = 3000
+    cma_solver_budget: int = 1500
+    cma_tolfun: float = 1e-6
+    random_seed: int = 1
+
+    def to_dict(self) -> Dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Candidate:
+    parameters: GrowthParameters
+    source: str
+    surrogate_loss: Optional[float] = None
+    fd_loss: Optional[float] = None
+
+
+@dataclass
+class SearchSpace:
+    """The box the optimisers search, and the voxels a seed may end in.
+
+    seed_low_ras_mm / seed_high_ras_mm: RAS bounding box of the allowed voxels; mu ranges per forward model.
+    allowed: bool mask on `geometry` (brain voxels within seed_margin_mm of the visible tumor).
+    """
+
+    geometry: Geometry
+    allowed: np.ndarray
+    seed_low_ras_mm: np.ndarray
+    seed_high_ras_mm: np.ndarray
+    mu_d_range: Tuple[float, float]
+    mu_rho_range: Tuple[float, float]
+
+    @classmethod
+    def around_tumor(cls, tissue: Tissue, visible: np.ndarray, margin_mm: float,
+                     mu_d_range=(MIN_MU_D_MM, MU_D_MM_BOUNDS[1]), mu_rho_range=(MIN_MU_RHO, MU_RHO_BOUNDS[1])):
+        from .plans import distance_mm
+
+        allowed = (distance_mm(np.asarray(visible) > 0.5, tissue.geometry) <= margin_mm) & tissue.brain_mask
+        if not np.any(allowed):
+            raise InputError("no grey or white matter near the tumor: the tumor lies outside the brain")
+        points = tissue.geometry.index_kji_to_ras(np.argwhere(allowed).astype(np.float64))
+        return cls(tissue.geometry, allowed, points.min(axis=0), points.max(axis=0), tuple(mu_d_range),
+                   tuple(mu_rho_range))
+
+    def with_ranges(self, mu_d_range, mu_rho_range) -> "SearchSpace":
+        return replace(self, mu_d_range=tuple(mu_d_range), mu_rho_range=tuple(mu_rho_range))
+
+    @property
+    def _low(self) -> np.ndarray:
+        return np.concatenate([self.seed_low_ras_mm, [self.mu_d_range[0], self.mu_rho_range[0]]])
+
+    @property
+    def _span(self) -> np.ndarray:
+        span = np.concatenate([self.seed_high_ras_mm - self.seed_low_ras_mm,
+                               [self.mu_d_range[1] - self.mu_d_range[0], self.mu_rho_range[1] - self.mu_rho_range[0]]])
+        return np.maximum(span, 1e-6)
+
+    def to_unit(self, parameters: GrowthParameters) -> np.ndarray:
+        """Parameters -> point of the unit cube [0, 1]^5 (clipped into it)."""
+        x = np.concatenate([parameters.seed_ras_mm, [parameters.mu_d_mm, parameters.mu_rho]])
+        return np.clip((x - self._low) / self._span, 0.0, 1.0)
+
+    def from_unit_tensor(self, unit: torch.Tensor):
+        """(B, 5) unit-cube tensor -> seeds (B, 3) RAS mm, mu_D (B,), mu_rho (B,), differentiable."""
+        low = torch.as_tensor(self._low, dtype=unit.dtype, device=unit.device)
+        span = torch.as_tensor(self._span, dtype=unit.dtype, device=unit.device)
+        x = low + unit * span
+        return x[:, :3], x[:, 3], x[:, 4]
+
+    def from_unit(self, unit: np.ndarray) -> GrowthParameters:
+        """Unit-cube point -> parameters, the seed projected onto the allowed voxels."""
+        x = self._low + np.clip(unit, 0.0, 1.0) * self._span
+        return self.project(GrowthParameters(tuple(x[:3]), x[3], x[4]))
+
+    def project(self, parameters: GrowthParameters) -> GrowthParameters:
+        """The nearest parameters inside the space: mu's clipped to their ranges, the seed moved to the nearest
+        allowed voxel centre when it lies outside the allowed voxels."""
+        from scipy.ndimage import distance_transform_edt
+
+        seed = np.asarray(parameters.seed_ras_mm, np.float64)
+        index = np.round(self.geometry.ras_to_index_kji(seed)).astype(int)
+        inside = np.all(index >= 0) and np.all(index < np.asarray(self.geometry.shape_kji))
+        if not (inside and self.allowed[tuple(index)]):
+            if not hasattr(self, "_nearest"):
+                _, nearest = distance_transform_edt(~self.allowed, sampling=self.geometry.spacing_kji_mm,
+                                                    return_indices=True)
+                object.__setattr__(self, "_nearest", nearest)
+            clipped = tuple(np.clip(index, 0, np.asarray(self.geometry.shape_kji) - 1))
+            target = np.array([self._nearest[axis][clipped] for axis in range(3)], np.float64)
+            seed = self.geometry.index_kji_to_ras(target)
+        return GrowthParameters(tuple(seed), float(np.clip(parameters.mu_d_mm, *self.mu_d_range)),
+                                float(np.clip(parameters.mu_rho, *self.mu_rho_range)))
+
+    def on_bound(self, parameters: GrowthParameters, tolerance: float = 0.01) -> List[str]:
+        """Names of mu parameters within `tolerance` of the range's ends (the data may want more)."""
+        out = []
+        for name, value, (low, high) in (("mu_D", parameters.mu_d_mm, self.mu_d_range),
+                                         ("mu_rho", parameters.mu_rho, self.mu_rho_range)):
+            span = high - low
+            if value <= low + tolerance * span:
+                out.append(f"{name} = {value:.3g} ended on its lower bound {low:g}")
+            elif value >= high - tolerance * span:
+                out.append(f"{name} = {value:.3g} ended on its upper bound {high:g}")
+        return out
+
+    def to_dict(self) -> Dict:
+        return {"seed_low_ras_mm": [round(float(v), 2) for v in self.seed_low_ras_mm],
+                "seed_high_ras_mm": [round(float(v), 2) for v in self.seed_high_ras_mm],
+                "mu_d_mm": list(self.mu_d_range), "mu_rho": list(self.mu_rho_range)}
+
+
+class FDModel:
+    """The FD solver on the working grid, with the observation there: parameters -> data loss."""
+
+    def __init__(self, tissue: Tissue, observation: GriddedObservation, device="cpu",
+                 control: StepControl = StepControl()):
+        if not tissue.geometry.same_grid(observation.geometry):
+            raise ValueError("tissue and observation must share the working grid")
+        self.operator = TissueOperator(tissue, device=device)
+        self.observation = observation
+        self.terms = observation.loss_terms(self.operator.device, self.operator.dtype)
+        self.brain = self.operator.brain_mask
+        self.control = control
+        self.runs = 0
+
+    def concentration(self, seeds, mu_d, mu_rho, cancel=None, progress=None) -> torch.Tensor:
+        self.runs += 1
+        return simulate_tensor(self.operator, mu_d, mu_rho, seeds, control=self.control, cancel=cancel,
+                               progress=progress)
+
+    def losses(self, seeds, mu_d, mu_rho, cancel=None) -> torch.Tensor:
+        """(B, 3), (B,), (B,) tensors -> (B,) data losses (differentiable when the inputs require grad)."""
+        return self.observation.loss(self.concentration(seeds, mu_d, mu_rho, cancel), self.brain, self.terms)
+
+    def loss_of(self, parameters: GrowthParameters, cancel=None) -> float:
+        with torch.no_grad():
+            return float(self.losses([parameters.seed_ras_mm], [parameters.mu_d_mm], [parameters.mu_rho], cancel)[0])
+
+
+class SurrogateModel:
+    """The frozen surrogate in its frame around the tumor: normalised parameters -> data loss in the frame."""
+
+    def __init__(self, model, card: Dict, frame: SurrogateFrame, tissue: Tissue, observation: GriddedObservation,
+                 device="cpu"):
+        self.model, self.card, self.frame = model, card, frame
+        self.device = torch.device(device)
+        channels = frame.tissue_channels(tissue)
+        self.tissue = torch.as_tensor(channels[None], dtype=torch.float32, device=self.device)
+        self.brain = ((self.tissue[0, 0] + self.tissue[0, 1]) >= 0.1).to(torch.float32)
+        self.observation = observation.in_frame(frame)
+        self.terms = self.observation.loss_terms(self.device)
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+
+    def predict(self, normalised: torch.Tensor) -> torch.Tensor:
+        """(B, 5) normalised parameters -> (B, G, G, G) concentration in the frame."""
+        return self.model(self.tissue.expand(normalised.shape[0], -1, -1, -1, -1), normalised)
+
+    def losses(self, seeds, mu_d, mu_rho) -> torch.Tensor:
+        normalised = self.frame.normalise(seeds, mu_d, mu_rho).to(torch.float32)
+        return self.observation.loss(self.predict(normalised), self.brain, self.terms)
+
+
+@dataclass
+class Problem:
+    """Everything a method needs: tissue and observation on the tissue and working grids, the search space, the
+    models (loaded on first use), options, progress, cancel and a history of loss evaluations."""
+
+    tissue: Tissue
+    observation: GriddedObservation
+    work_tissue: Tissue
+    work_observation: GriddedObservation
+    space: SearchSpace
+    options: InversionOptions = field(default_factory=InversionOptions)
+    device: str = "cpu"
+    progress: Optional[ProgressCallback] = None
+    cancel: object = None
+    history: List[Dict] = field(default_factory=list)
+    models_used: Dict[str, Dict] = field(default_factory=dict)
+    _fd: Optional[FDModel] = None
+    _surrogate: Optional[SurrogateModel] = None
+    _inverse: Optional[Tuple] = None
+    _started: float = field(default_factory=time.perf_counter)
+
+    # ---- models, on first use --------------------------------------------------------------------------------
+    def fd(self) -> FDModel:
+        if self._fd is None:
+            self._fd = FDModel(self.work_tissue, self.work_observation, self.device)
+        return self._fd
+
+    def _frame(self, card) -> SurrogateFrame:
+        return SurrogateFrame.from_card(card, self.observation.center_of_mass_ras(), self.tissue.geometry)
+
+    def surrogate(self) -> SurrogateModel:
+        if self._surrogate is None:
+            from .registry import load_model
+
+            model, card = load_model(self.options.surrogate, kind="surrogate", device=self.device)
+            self.models_used[self.options.surrogate] = {"kind": "surrogate", "sha256": card["sha256"]}
+            self._surrogate = SurrogateModel(model, card, self._frame(card), self.tissue, self.observation,
+                                             self.device)
+        return self._surrogate
+
+    def inverse(self):
+        if self._inverse is None:
+            from .registry import load_model
+
+            model, card = load_model(self.options.inverse, kind="inverse", device=self.device)
+            self.models_used[self.options.inverse] = {"kind": "inverse", "sha256": card["sha256"]}
+            self._inverse = (model, card, self._frame(card))
+        return self._inverse
+
+    def network_space(self) -> SearchSpace:
+        """The search space clipped to the surrogate's trained ranges."""
+        scaling = self.surrogate().frame.scaling
+        return self.space.with_ranges(
+            (max(scaling.mu_d_mm_range[0], MIN_MU_D_MM), min(scaling.mu_d_mm_range[1], self.space.mu_d_range[1])),
+            (max(scaling.mu_rho_range[0], MIN_MU_RHO), min(scaling.mu_rho_range[1], self.space.mu_rho_range[1])))
+
+    # ---- bookkeeping -----------------------------------------------------------------------------------------
+    def record(self, stage: str, loss: float, kind: str) -> None:
+        self.history.append({"evaluation": len(self.history) + 1, "stage": stage, "loss": float(loss),
+                             "loss_kind": kind, "elapsed_s": round(time.perf_counter() - self._started, 3)})
+
+    def fd_loss(self, candidate: Candidate, stage: str) -> Candidate:
+        """The judge: the candidate's data loss from an FD run on the working grid."""
+        loss = self.fd().loss_of(candidate.parameters, self.cancel)
+        self.record(stage, loss, "fd")
+        return replace(candidate, fd_loss=loss)
+
+
+# ---- optimisers --------------------------------------------------------------------------------------------------
+def _lbfgs(problem: Problem, space: SearchSpace, loss_of: Callable, start: GrowthParameters, stage: str, kind: str,
+           max_iterations: int, max_evaluations: int, ftol: float,
+           progress: Optional[ProgressCallback], relative: bool = False) -> Tuple[GrowthParameters, float]:
+    """Bounded L-BFGS (scipy's L-BFGS-B) in the unit cube of `space`, gradients by autograd through loss_of
+    (seeds, mu_d, mu_rho tensors -> (1,) loss). Returns the best parameters seen and their loss.
+
+    relative=True divides the objective by its value at the start, so `ftol` is relative to where the search began
+    (the FD polish: the FD loss is the judge, so it may go as far as its budget allows). Without it, ftol is an
+    absolute change of the loss (gb-surrogate, stopped at 1e-7 as published): going further on the surrogate's loss
+    follows the surrogate's own error, and on held-out tumors its FD fit then gets worse, not better."""
+    from scipy.optimize import minimize
+
+    best = {"loss": math.inf, "unit": space.to_unit(start)}
+    evaluations = [0]
+    scale = [None]
+
+    def objective(unit: np.ndarray):
+        check_cancel(problem.cancel)
+        x = torch.tensor(unit[None], dtype=torch.float64, requires_grad=True)
+        seeds, mu_d, mu_rho = space.from_unit_tensor(x)
+        loss = loss_of(seeds, mu_d, mu_rho)[0]
+        loss.backward()
+        value = float(loss.detach())
+        if scale[0] is None:
+            scale[0] = max(value, 1e-30) if relative else 1.0
+        evaluations[0] += 1
+        problem.record(stage, value, kind)
+        if value < best["loss"]:
+            best.update(loss=value, unit=unit.copy())
+        report(progress, min(evaluations[0] / max_evaluations, 1.0), f"{stage} loss {value:.3e}")
+        gradient = x.grad.detach().numpy()[0].astype(np.float64)
+        return value / scale[0], np.nan_to_num(gradient) / scale[0]
+
+    minimize(objective, space.to_unit(start), jac=True, method="L-BFGS-B", bounds=[(0.0, 1.0)] * 5,
+             options={"maxiter": max_iterations, "maxfun": max_evaluations, "ftol": ftol, "gtol": 1e-12})
+    return space.from_unit(best["unit"]), best["loss"]
+
+
+def _cma(problem: Problem, space: SearchSpace, batch_losses: Callable, start: GrowthParameters, budget: int,
+         stage: str, kind: str, progress: Optional[ProgressCallback]) -> Tuple[GrowthParameters, float]:
+    """Bounded CMA-ES (the cma package) in the unit cube; batch_losses(list of unit points) -> list of losses."""
+    import cma
+
+    options = {"bounds": [0.0, 1.0], "maxfevals": budget, "tolfun": problem.options.cma_tolfun,
+               "seed": problem.options.random_seed, "verbose": -9}
+    strategy = cma.CMAEvolutionStrategy(space.to_unit(start).tolist(), problem.options.cma_sigma0, options)
+    best = (math.inf, space.to_unit(start))
+    evaluations = 0
+    while not strategy.stop():
+        check_cancel(problem.cancel)
+        population = strategy.ask()
+        losses = batch_losses(population)
+        strategy.tell(population, losses)
+        for unit, loss in zip(population, losses):
+            problem.record(stage, loss, kind)
+            if loss < best[0]:
+                best = (float(loss), np.asarray(unit))
+        evaluations += len(population)
+        report(progress, min(evaluations / budget, 1.0), f"{stage} best loss {best[0]:.3e} ({evaluations} runs)")
+    return space.from_unit(best[1]), best[0]
+
+
+# ---- methods -----------------------------------------------------------------------------------------------------
+def direct(problem: Problem) -> Candidate:
+    """The inverse network's answer (one forward pass), projected into the search space."""
+    check_cancel(problem.cancel)
+    model, card, frame = problem.inverse()
+    tissue = torch.as_tensor(frame.tissue_channels(problem.tissue)[None], dtype=torch.float32,
+                             device=problem.device)
+    tumor = torch.as_tensor(frame.sample(problem.observation.pseudo_concentration())[None], dtype=torch.float32,
+                            device=problem.device)
+    with torch.no_grad():
+        normalised = model(tissue, tumor)[0].cpu().double().numpy()
+    seed, mu_d, mu_rho = frame.denormalise(normalised)
+    raw = GrowthParameters(tuple(seed), float(np.clip(mu_d, 0, MU_D_MM_BOUNDS[1])),
+                           float(np.clip(mu_rho, 0, MU_RHO_BOUNDS[1])))
+    report(problem.progress, 1.0, "direct: inverse network")
+    return Candidate(problem.network_space().project(raw), "direct")
+
+
+def gb_surrogate(problem: Problem, start: Optional[Candidate] = None) -> Candidate:
+    """L-BFGS-B on the frozen surrogate from the inverse net's answer (or `start`)."""
+    start = start or direct(problem)
+    surrogate = problem.surrogate()
+    space = problem.network_space()
+    parameters, loss = _lbfgs(problem, space, surrogate.losses, space.project(start.parameters), "gb-surrogate",
+                              "surrogate", problem.options.gb_max_iterations, 5 * problem.options.gb_max_iterations,
+                              problem.options.gb_ftol, sub_progress(problem.progress, 0.0, 1.0))
+    return Candidate(parameters, "gb-surrogate", surrogate_loss=loss)
+
+
+def hybrid(problem: Problem) -> Candidate:
+    """direct -> gb-surrogate; keep the candidate with the lower FD data loss on the working grid."""
+    progress = problem.progress
+    first = direct(replace_progress(problem, sub_progress(progress, 0.0, 0.05, "direct")))
+    second = gb_surrogate(replace_progress(problem, sub_progress(progress, 0.05, 0.7, "gb-surrogate")), first)
+    report(progress, 0.7, "hybrid: judging both candidates with the FD solver")
+    first = problem.fd_loss(first, "hybrid: FD judge")
+    report(progress, 0.85, "hybrid: judging both candidates with the FD solver")
+    second = problem.fd_loss(second, "hybrid: FD judge")
+    report(progress, 1.0, "hybrid: judged")
+    winner = min((first, second), key=lambda c: c.fd_loss)
+    return replace(winner, source=f"hybrid ({winner.source})")
+
+
+def hybrid_fd(problem: Problem) -> Candidate:
+    """hybrid's winner refined by L-BFGS-B with gradients through the FD solver on the working grid."""
+    start = hybrid(replace_progress(problem, sub_progress(problem.progress, 0.0, 0.4, "hybrid")))
+    return fd_polish(replace_progress(problem, sub_progress(problem.progress, 0.4, 1.0, "FD polish")), start)
+
+
+def fd_polish(problem: Problem, start: Candidate) -> Candidate:
+    """A few L-BFGS-B iterations on the FD data loss (working grid, autograd through the solver) from `start`;
+    returns the start unchanged when the polish does not lower its FD loss."""
+    if start.fd_loss is None:
+        start = problem.fd_loss(start, "FD polish: start")
+    fd = problem.fd()
+    parameters, loss = _lbfgs(problem, problem.space, lambda s, d, r: fd.losses(s, d, r, problem.cancel),
+                              problem.space.project(start.parameters), "hybrid-fd: FD gradients", "fd",
+                              problem.options.fd_iterations, problem.options.fd_max_evaluations, 1e-9,
+                              problem.progress, relative=True)
+    if loss >= start.fd_loss:  # the polish never makes the answer worse than its start
+        return replace(start, source=f"hybrid-fd ({start.source}, polish did not improve)")
+    return Candidate(parameters, "hybrid-fd", fd_loss=loss)
+
+
+def _box_centre(space: SearchSpace) -> GrowthParameters:
+    return space.from_unit(np.full(5, 0.5))
+
+
+def cma_surrogate(problem: Problem) -> Candidate:
+    """Bounded CMA-ES on the surrogate, from the centre of the search box; population evaluated as one batch."""
+    surrogate = problem.surrogate()
+    space = problem.network_space()
+
+    def batch_losses(population):
+        units = torch.as_tensor(np.asarray(population), dtype=torch.float64)
+        with torch.no_grad():
+            seeds, mu_d, mu_rho = space.from_unit_tensor(units)
+            return surrogate.losses(seeds, mu_d, mu_rho).double().cpu().numpy().tolist()
+
+    parameters, loss = _cma(problem, space, batch_losses, _box_centre(space), problem.options.cma_surrogate_budget,
+                            "cma-surrogate", "surrogate", problem.progress)
+    return Candidate(parameters, "cma-surrogate", surrogate_loss=loss)
+
+
+def cma_solver(problem: Problem) -> Candidate:
+    """Bounded CMA-ES around the FD solver on the working grid (the classical, slow baseline)."""
+    fd = problem.fd()
+    space = problem.space
+
+    def batch_losses(population):
+        out = []
+        for unit in population:
+            with torch.no_grad():
+                seeds, mu_d, mu_rho = space.from_unit_tensor(torch.as_tensor(np.asarray(unit)[None]))
+                out.append(float(fd.losses(seeds, mu_d, mu_rho, problem.cancel)[0]))
+        return out
+
+    parameters, loss = _cma(problem, space, batch_losses, _box_centre(space), problem.options.cma_solver_budget,
+                            "cma-solver", "fd", problem.progress)
+    return Candidate(parameters, "cma-solver", fd_loss=loss)
+
+
+def replace_progress(problem: Problem, progress: Optional[ProgressCallback]) -> Problem:
+    """The same problem (same models, history and cancel flag) reporting to another progress callback."""
+    return _SharedProblem(problem, progress)
+
+
+class _SharedProblem:
+    """A view of a Problem with its own progress callback; models and history are shared with the parent."""
+
+    def __init__(self, parent: Problem, progress):
+        object.__setattr__(self, "_parent", parent)
+        object.__setattr__(self, "progress", progress)
+
+    def __getattr__(self, name):
+        return getattr(self._parent, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._parent, name, value)
+
+
+METHOD_FUNCTIONS = {"direct": direct, "gb-surrogate": gb_surrogate, "hybrid": hybrid, "hybrid-fd": hybrid_fd,
+                    "cma-surrogate": cma_surrogate, "cma-solver": cma_solver}
+
+
+def run_method(name: str, problem: Problem) -> Candidate:
+    if name not in METHOD_FUNCTIONS:
+        raise InputError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
+    return METHOD_FUNCTIONS[name](problem)

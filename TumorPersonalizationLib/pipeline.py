@@ -1,0 +1,301 @@
+"""Personalisation end to end: tissue + observed tumor -> parameters, infiltration map, target plans, report.
+
+    result = personalize(tissue, observation, method=None, progress=callback, cancel=event)
+    write_outputs(result, "out_dir")      # parameters.json, infiltration.nii.gz, report.png, plan_*.nii.gz: one set
+
+Steps: the observation is resampled onto the tissue's grid and checked; the search runs on a working grid (2 mm by
+default, or the tissue's own grid when that is coarser) and, for the networks, in the surrogate frame around the
+tumor's centre of mass; the answer is then run once more with the FD solver on the tissue's own grid (so narrow
+fronts are resolved as finely as the data allow), and that run is the infiltration map, its loss the reported loss,
+and the base of the plans.
+"""
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+import numpy as np
+
+from .constants import DEFAULT_METHOD, METHODS, STANDARD_MARGIN_MM
+from .errors import InputError
+from .geometry import Volume
+from .inversion import InversionOptions, Problem, SearchSpace, run_method
+from .metrics import compare
+from .observation import GriddedObservation, Observation
+from .parameters import GrowthParameters
+from .plans import TargetPlans, make_plans
+from .progress import ProgressCallback, check_cancel, report, sub_progress
+from .tissue import Tissue
+
+DEFAULT_WORKING_SPACING_MM = 2.0
+# A fit is called poor below these agreements with the observation (NCC for a concentration, Dice of the visible
+# tumor for a segmentation): then the model does not explain the data and its infiltration map should not be used.
+POOR_FIT_NCC = 0.9
+POOR_FIT_DICE = 0.7
+OUTPUT_FILES = ("parameters.json", "infiltration.nii.gz", "report.png", "plan_standard.nii.gz", "plan_model.nii.gz",
+                "plan_iso.nii.gz")
+
+
+@dataclass
+class PersonalizationResult:
+    """What personalize returns. concentration: the FD run of `parameters` on the tissue's grid."""
+
+    parameters: GrowthParameters
+    concentration: Volume
+    loss: float
+    runtime_s: float
+    history: List[Dict]
+    plans: TargetPlans
+    method: str
+    warnings: List[str] = field(default_factory=list)
+    fit: Dict[str, float] = field(default_factory=dict)
+    search_space: Dict = field(default_factory=dict)
+    provenance: Dict = field(default_factory=dict)
+    observation: Optional[GriddedObservation] = None
+    tissue: Optional[Tissue] = None
+
+    def to_dict(self) -> Dict:
+        """The content of parameters.json."""
+        return {**self.parameters.to_dict(), "method": self.method, "loss": self.loss,
+                "runtime_s": round(self.runtime_s, 3), "plans": self.plans.to_dict(), "fit": self.fit,
+                "warnings": list(self.warnings), "search_space": self.search_space, "provenance": self.provenance,
+                "history": self.history}
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' requested but no CUDA device is available (use cpu or auto)")
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"unknown device {device!r}: use auto, cpu or cuda")
+    return device
+
+
+def working_tissue(tissue: Tissue, spacing_mm: Optional[float]) -> Tissue:
+    """The tissue on the working grid: resampled to spacing_mm when the tissue is finer, else itself."""
+    if spacing_mm is None or min(tissue.geometry.spacing_ijk_mm) >= spacing_mm - 1e-6:
+        return tissue
+    return tissue.resample(spacing_mm)
+
+
+def personalize(tissue: Tissue, observation: Union[Observation, Volume], method: Optional[str] = None,
+                progress: Optional[ProgressCallback] = None, cancel=None, device: str = "auto",
+                working_spacing_mm: Optional[float] = DEFAULT_WORKING_SPACING_MM,
+                options: Optional[InversionOptions] = None, iso_level: Optional[float] = None,
+                margin_mm: float = STANDARD_MARGIN_MM) -> PersonalizationResult:
+    """Find the growth parameters that explain an observed tumor and the infiltration map they imply.
+
+    tissue: the patient's WM/GM/CSF (any orientation and spacing). observation: an Observation (concentration or
+    segmentation; a plain Volume is taken as a concentration map), on any grid overlapping the tissue's.
+    method: one of inversion.METHODS, None for the default (DEFAULT_METHOD). progress(fraction, message) and cancel
+    (anything with is_set()): see progress.py. device: "auto" (CUDA when present), "cpu" or "cuda".
+    working_spacing_mm: voxel size (mm) of the grid the FD work of the search runs on (None: the tissue's grid).
+    iso_level: also make the iso-concentration plan at this level. margin_mm: the standard plan's margin.
+    Raises InputError for bad input (empty tumor, tumor outside the brain or the image, unknown method, missing or
+    corrupt weights) and progress.Cancelled when cancelled; nothing is written either way.
+    """
+    started = time.perf_counter()
+    method = method or DEFAULT_METHOD
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if isinstance(observation, Volume):
+        observation = Observation.from_volume(observation, "concentration")
+    if not isinstance(tissue, Tissue):
+        raise InputError("tissue must be a Tissue (Tissue.from_file, from_labelmap or from_probabilities)")
+    report(progress, 0.0, "preparing the observation")
+    problem, warnings = prepare_problem(tissue, observation, options, device, working_spacing_mm, cancel)
+    gridded, space, work, options, device = (problem.observation, problem.space, problem.work_tissue,
+                                             problem.options, problem.device)
+    visible = gridded.visible > 0.5
+    check_cancel(cancel)
+
+    problem.progress = sub_progress(progress, 0.02, 0.85, method)
+    candidate = run_method(method, problem)
+    parameters = space.project(candidate.parameters)
+    check_cancel(cancel)
+
+    report(progress, 0.85, "final FD run on the tissue's grid")
+    from .solver import simulate
+
+    concentration = simulate(tissue, parameters, device=device, progress=sub_progress(progress, 0.85, 0.97,
+                                                                                      "final FD run"), cancel=cancel)
+    loss, fit = _final_loss(gridded, concentration, tissue)
+    problem.record("final FD run (tissue grid)", loss, "fd")
+    report(progress, 0.97, "target plans")
+    plans = make_plans(tissue, concentration.array, gridded.core > 0.5, visible, margin_mm, iso_level)
+    warnings += plans.notes + _fit_warnings(gridded, fit, space, parameters, problem)
+    provenance = _provenance(method, options, device, work, problem, candidate)
+    report(progress, 1.0, "done")
+    return PersonalizationResult(parameters, concentration, loss, time.perf_counter() - started, problem.history, plans,
+                                 method, warnings, fit, space.to_dict(), provenance, gridded, tissue)
+
+
+def prepare_problem(tissue: Tissue, observation: Observation, options: Optional[InversionOptions] = None,
+                    device: str = "auto", working_spacing_mm: Optional[float] = DEFAULT_WORKING_SPACING_MM,
+                    cancel=None):
+    """The inversion problem of a tissue and an observation (observation on the tissue and working grids, search
+    space around the tumor), and the warnings the observation raises. InputError for a tumor outside the brain or
+    the image."""
+    options = options or InversionOptions()
+    device = resolve_device(device)
+    gridded = observation.on_grid(tissue.geometry)
+    visible = gridded.visible > 0.5
+    in_brain = visible & tissue.brain_mask
+    if not np.any(in_brain):
+        raise InputError("the tumor lies outside the brain: none of its visible voxels is grey or white matter")
+    warnings = _observation_warnings(tissue, visible, in_brain)
+    work = working_tissue(tissue, working_spacing_mm)
+    work_observation = gridded if work is tissue else gridded.resample(work.geometry)
+    space = SearchSpace.around_tumor(tissue, gridded.visible, options.seed_margin_mm)
+    return Problem(tissue, gridded, work, work_observation, space, options, device, None, cancel), warnings
+
+
+def _final_loss(observation: GriddedObservation, concentration: Volume, tissue: Tissue):
+    import torch
+
+    brain = torch.as_tensor(tissue.brain_mask, dtype=torch.float32)
+    c = torch.as_tensor(concentration.array[None], dtype=torch.float32)
+    loss = float(observation.loss(c, brain)[0])
+    reference = observation.concentration if observation.concentration is not None else observation.visible
+    scores = compare(concentration.array, reference, tissue.brain_mask, thresholds=())
+    fit = {"ncc": round(scores["ncc"], 4)}
+    for name, threshold, mask in (("dice_visible", observation.imaging.edema_threshold, observation.visible),
+                                  ("dice_core", observation.imaging.core_threshold, observation.core)):
+        from .metrics import dice
+
+        fit[name] = round(dice(concentration.array >= threshold, mask > 0.5), 4)
+    return loss, fit
+
+
+def _observation_warnings(tissue: Tissue, visible: np.ndarray, in_brain: np.ndarray) -> List[str]:
+    from scipy.ndimage import label
+
+    warnings = []
+    outside = 1.0 - in_brain.sum() / max(visible.sum(), 1)
+    if outside > 0.05:
+        warnings.append(f"{100 * outside:.0f} % of the visible tumor lies outside grey/white matter (ignored)")
+    components, count = label(visible)
+    if count > 1:
+        sizes = np.bincount(components.ravel())[1:] * tissue.geometry.voxel_volume_mm3() / 1000.0
+        large = int((sizes >= 0.1).sum())
+        if large > 1:
+            warnings.append(f"the tumor has {large} separate components (>= 0.1 cm^3 each); the model grows one "
+                            f"tumor from one seed, so a multifocal tumor is fitted only approximately")
+    return warnings
+
+
+def _fit_warnings(observation, fit, space, parameters, problem) -> List[str]:
+    warnings = list(space.on_bound(parameters))
+    if observation.kind == "concentration" and fit["ncc"] < POOR_FIT_NCC:
+        warnings.append(f"poor fit: NCC {fit['ncc']:.2f} < {POOR_FIT_NCC} between the fitted and the observed "
+                        f"concentration; do not rely on the infiltration map")
+    if observation.kind == "segmentation" and fit["dice_visible"] < POOR_FIT_DICE:
+        warnings.append(f"poor fit: Dice {fit['dice_visible']:.2f} < {POOR_FIT_DICE} between the fitted and the "
+                        f"observed visible tumor; do not rely on the infiltration map")
+    if problem._surrogate is not None or problem._inverse is not None:
+        frame = (problem._surrogate.frame if problem._surrogate is not None else problem._inverse[2])
+        inside = frame.fraction_inside(observation.visible > 0.5)
+        if inside < 0.99:
+            warnings.append(f"the tumor is larger than the networks' {frame.grid * frame.geometry.spacing_ijk_mm[0]:.0f}"
+                            f" mm frame ({100 * (1 - inside):.0f} % of it outside): their estimate is less reliable")
+    return warnings
+
+
+def _provenance(method, options, device, work, problem, candidate) -> Dict:
+    import torch
+
+    from . import __version__
+
+    return {"software": "TumorPersonalizationLib", "version": __version__, "torch": torch.__version__,
+            "method": method, "winner": candidate.source, "device": device, "options": options.to_dict(),
+            "working_grid": work.geometry.describe(), "tissue_grid": problem.tissue.geometry.describe(),
+            "observation_kind": problem.observation.kind,
+            "imaging_model": dict(problem.observation.imaging.__dict__),
+            "models": problem.models_used,
+            "fd_runs_working_grid": problem._fd.runs if problem._fd is not None else 0}
+
+
+# ---- outputs, as one set --------------------------------------------------------------------------------------------
+def write_outputs(result: PersonalizationResult, out_dir, picture: bool = True, extra: Optional[Dict] = None) -> Path:
+    """Write parameters.json, infiltration.nii.gz, plan_standard.nii.gz, plan_model.nii.gz (plan_iso.nii.gz when
+    made) and report.png into out_dir as one set: everything goes to a temporary folder beside it, which then
+    replaces out_dir, so a failure leaves either the previous complete set or nothing.
+
+    out_dir may not exist, be empty, or hold a previous result (its files are replaced); other content is refused.
+    extra: more entries for parameters.json (the demo's true parameters, a batch case name).
+    """
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=str(out_dir.parent)))
+    try:
+        geometry = result.concentration.geometry
+        result.concentration.save(temporary / "infiltration.nii.gz")
+        Volume(result.plans.standard, geometry).save(temporary / "plan_standard.nii.gz")
+        Volume(result.plans.model, geometry).save(temporary / "plan_model.nii.gz")
+        if result.plans.iso is not None:
+            Volume(result.plans.iso, geometry).save(temporary / "plan_iso.nii.gz")
+        data = result.to_dict()
+        if extra:
+            data.update(extra)
+        (temporary / "parameters.json").write_text(json.dumps(_jsonable(data), indent=2) + "\n")
+        if picture:
+            from .report import save_result_figure
+
+            save_result_figure(temporary / "report.png", result)
+        os.chmod(temporary, 0o777 & ~_umask())
+        if out_dir.exists():
+            previous = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, previous)
+            os.replace(temporary, out_dir)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.replace(temporary, out_dir)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def check_output_dir(out_dir) -> Path:
+    """Refuse, before any work, an output folder that is a file, not writable, or holds something else than a
+    previous result of this tool."""
+    from .imageio import check_writable_directory
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out-dir {out_dir} exists and is not a directory")
+    if out_dir.is_dir():
+        foreign = [p.name for p in out_dir.iterdir() if p.name not in OUTPUT_FILES]
+        if foreign:
+            raise InputError(f"--out-dir {out_dir} holds other files ({', '.join(sorted(foreign)[:3])}): choose an "
+                             f"empty or new folder")
+    check_writable_directory(out_dir.parent if not out_dir.exists() else out_dir)
+    return out_dir
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value

@@ -1,0 +1,361 @@
+#!/usr/bin/env python
+"""Which inversion method to trust: the published comparison (Table 1 layout) on held-out synthetic tumors, plus the
+clinical question (how much of the later growth does each plan cover at equal volume).
+
+Cases (never used in training: their own random stream, --seed, drawn afresh): a seed uniform over atlas voxels with
+WM+GM >= 0.5, D_WM ~ U[0.001, 10] mm^2/day, rho ~ U[0.001, 1] /day as in the training prior, and a visible-volume
+target V ~ U[2, 120] cm^3; the tumor is grown on the bundled 1 mm atlas with every time step divided by 4 (a
+converged reference, so no method matches it by construction) until its visible volume (c >= 0.25) reaches V. The
+same tumor grown on to 1.5x its age (steps / 2) gives the later growth: its visible part beyond today's.
+
+Per case and method: MSE, MAE, normalised MSE/MAE, NCC and Dice of the method's final FD run (on the 1 mm grid)
+against the hidden truth inside the brain; parameter and seed errors; wall time (and its ratio to one plain FD
+forward run of the true parameters at 1 mm on the same case); the share of the later growth covered by the model
+plan at the standard plan's volume. For the default method the same cases are also given as segmentations
+(thresholded at 0.25 / 0.675), and its plan is compared with the 15 mm plan, a model-free plan (labels weighted
+0.9 core / 0.45 edema, blurred by a 3 mm Gaussian, ranked) and the true parameters' plan, all at equal volume.
+
+Resumable: every finished (case, method) appends one line to benchmarks/inversion_runs.jsonl and is skipped when the
+script runs again; tasks run in priority order (the four fast methods on every case, then cma-surrogate on the first
+20, then cma-solver on the first 5). The 1-minute load average is recorded beside every timing: do not trust a time
+taken while other jobs shared the cores (load above ~2.5 on this 2-core machine).
+
+    python benchmarks/inversion.py --cases 50 --hours 1.5      # run (resumes)
+    python benchmarks/inversion.py --report-only               # JSON, Markdown table and plots from what is done
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from TumorPersonalizationLib.atlas import load_atlas  # noqa: E402
+from TumorPersonalizationLib.constants import CORE_THRESHOLD, DEFAULT_METHOD, EDEMA_THRESHOLD  # noqa: E402
+from TumorPersonalizationLib.dataset import Prior, draw_physical, with_days  # noqa: E402
+from TumorPersonalizationLib.evaluation import summarise  # noqa: E402
+from TumorPersonalizationLib.inversion import InversionOptions  # noqa: E402
+from TumorPersonalizationLib.metrics import compare, tumor_volume_cm3  # noqa: E402
+from TumorPersonalizationLib.observation import Observation  # noqa: E402
+from TumorPersonalizationLib.parameters import GrowthParameters  # noqa: E402
+from TumorPersonalizationLib.pipeline import personalize  # noqa: E402
+from TumorPersonalizationLib.plans import coverage, model_plan, planning_brain_mask, standard_plan  # noqa: E402
+
+FAST_METHODS = ("direct", "gb-surrogate", "hybrid", "hybrid-fd")
+RUNS = ROOT / "benchmarks" / "inversion_runs.jsonl"
+CASE_DIR = ROOT / "data" / "inversion_cases"
+VOLUME_RANGE_CM3 = (2.0, 120.0)
+LATER_AGE_FACTOR = 1.5
+
+
+# ---- cases -------------------------------------------------------------------------------------------------------
+class Cases:
+    def __init__(self, seed: int):
+        import torch  # noqa: F401
+
+        from TumorPersonalizationLib.solver import TissueOperator
+
+        self.seed = seed
+        self.tissue = load_atlas(1)
+        self.operator = TissueOperator(self.tissue)
+        self.candidates = np.argwhere(self.tissue.brain_fraction >= 0.5)
+        self.brain = self.tissue.brain_mask
+
+    def get(self, index: int):
+        """(truth parameters, c today, c at 1.5x age, plain 1 mm forward time); cached in data/."""
+        path = CASE_DIR / f"seed{self.seed}_case{index:03d}.npz"
+        if path.exists():
+            with np.load(path) as data:
+                p = json.loads(str(data["parameters"]))
+                return (GrowthParameters.from_dict(p), data["today"].astype(np.float32),
+                        data["later"].astype(np.float32), float(data["forward_s"]), p)
+        import torch
+
+        from TumorPersonalizationLib.solver import StepControl, simulate_tensor
+
+        rng = np.random.default_rng([self.seed, index])
+        prior = Prior(visible_volume_cm3=VOLUME_RANGE_CM3)
+        voxel_cm3 = self.tissue.geometry.voxel_volume_mm3() / 1000.0
+        for _ in range(50):
+            seed_kji = self.candidates[rng.integers(len(self.candidates))] + rng.uniform(-0.5, 0.5, 3)
+            seed_ras = self.tissue.geometry.index_kji_to_ras(seed_kji)
+            physical = draw_physical(rng, prior)
+            needed = physical["target_volume_cm3"] / voxel_cm3
+            plan_days = min(prior.max_days, prior.plan_factor * physical["days"])
+            planned = with_days(physical, plan_days)
+            with torch.no_grad():
+                c, stats = simulate_tensor(
+                    self.operator, [planned["mu_d_mm"]], [planned["mu_rho"]], [seed_ras],
+                    control=StepControl(refinement=4.0), return_stats=True,
+                    stop=lambda t, box: float((box >= EDEMA_THRESHOLD).sum()) >= needed)
+            today = c[0].numpy()
+            visible = tumor_volume_cm3(today, voxel_cm3 * 1000.0, EDEMA_THRESHOLD)
+            if VOLUME_RANGE_CM3[0] <= visible <= VOLUME_RANGE_CM3[1] and stats.end_time < 1.0:
+                break
+        physical = with_days(physical, plan_days * stats.end_time)
+        truth = GrowthParameters(tuple(seed_ras), physical["mu_d_mm"], physical["mu_rho"])
+        later_parameters = GrowthParameters(truth.seed_ras_mm, truth.mu_d_mm * math.sqrt(LATER_AGE_FACTOR),
+                                            truth.mu_rho * math.sqrt(LATER_AGE_FACTOR))
+        with torch.no_grad():
+            later = simulate_tensor(self.operator, [later_parameters.mu_d_mm], [later_parameters.mu_rho], [seed_ras],
+                                    control=StepControl(refinement=2.0))[0].numpy()
+            started = time.perf_counter()
+            simulate_tensor(self.operator, [truth.mu_d_mm], [truth.mu_rho], [seed_ras])
+            forward_s = time.perf_counter() - started
+        p = {**truth.to_dict(), "visible_cm3": visible, **{k: float(v) for k, v in physical.items()}}
+        CASE_DIR.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, today=today.astype(np.float16), later=later.astype(np.float16),
+                            forward_s=forward_s, parameters=json.dumps(p))
+        return truth, today, later, forward_s, p
+
+
+def segmentation_of(today: np.ndarray) -> np.ndarray:
+    labels = np.zeros(today.shape, np.int16)
+    labels[today >= EDEMA_THRESHOLD] = 2
+    labels[today >= CORE_THRESHOLD] = 3
+    return labels
+
+
+def plan_coverages(tissue, today, later, predicted, labels):
+    """Coverage of the later growth by plans of the standard plan's volume."""
+    from scipy.ndimage import gaussian_filter
+
+    brain = planning_brain_mask(tissue.wm, tissue.gm)
+    growth = (later >= EDEMA_THRESHOLD) & (today < EDEMA_THRESHOLD) & brain
+    core = labels == 3
+    standard = standard_plan(core if core.any() else labels > 0, brain, tissue.geometry)
+    voxels = int(standard.sum())
+    weighted = np.where(labels == 3, 0.9, np.where(labels > 0, 0.45, 0.0)).astype(np.float32)
+    blurred = gaussian_filter(weighted, [3.0 / s for s in tissue.geometry.spacing_kji_mm])
+    return {"plan_cm3": voxels * tissue.geometry.voxel_volume_mm3() / 1000.0,
+            "coverage_model": coverage(model_plan(predicted, brain, voxels), growth),
+            "coverage_standard": coverage(standard, growth),
+            "coverage_blur": coverage(model_plan(blurred, brain, voxels), growth),
+            "coverage_truth": coverage(model_plan(today, brain, voxels), growth)}
+
+
+def run_task(cases: Cases, index: int, method: str, kind: str):
+    truth, today, later, forward_s, info = cases.get(index)
+    tissue = cases.tissue
+    labels = segmentation_of(today)
+    if kind == "segmentation":
+        observation = Observation.from_volume(tissue.volume(labels), "segmentation")
+    else:
+        observation = Observation.from_volume(tissue.volume(today), "concentration")
+    load_before = os.getloadavg()[0]
+    result = personalize(tissue, observation, method=method, device="cpu", options=InversionOptions())
+    load_after = os.getloadavg()[0]
+    p = result.parameters
+    scores = compare(result.concentration.array, today, cases.brain)
+    row = {"case": index, "method": method, "kind": kind, "truth": info, "found": p.to_dict(),
+           "metrics": scores, "seed_error_mm": float(np.linalg.norm(np.subtract(p.seed_ras_mm, truth.seed_ras_mm))),
+           "mu_d_relative_error": abs(p.mu_d_mm - truth.mu_d_mm) / truth.mu_d_mm,
+           "mu_rho_relative_error": abs(p.mu_rho - truth.mu_rho) / truth.mu_rho,
+           "runtime_s": result.runtime_s, "forward_1mm_s": forward_s,
+           "runtime_in_forward_runs": result.runtime_s / max(forward_s, 1e-6),
+           "fd_runs_working_grid": result.provenance["fd_runs_working_grid"], "winner": result.provenance["winner"],
+           "evaluations": len(result.history), "loadavg_before": load_before, "loadavg_after": load_after,
+           "warnings": result.warnings}
+    row.update(plan_coverages(tissue, today, later, result.concentration.array, labels))
+    return row
+
+
+def tasks(count: int):
+    out = [(i, m, "concentration") for i in range(count) for m in FAST_METHODS]
+    out += [(i, DEFAULT_METHOD, "segmentation") for i in range(count)]
+    out += [(i, "cma-surrogate", "concentration") for i in range(min(count, 20))]
+    out += [(i, "cma-solver", "concentration") for i in range(min(count, 5))]
+    # In blocks of 5 cases (fast methods, the segmentation fit, then cma-surrogate), with the slow cma-solver run of
+    # case i at the end of block i: a sitting that stops early still has every method on its first cases.
+    priority = {"cma-surrogate": 2, "cma-solver": 3}
+
+    def order(task):
+        index, method, kind = task
+        block = index if method == "cma-solver" else index // 5
+        return block, priority.get(method, 1 if kind == "segmentation" else 0), index, FAST_METHODS.index(method) \
+            if method in FAST_METHODS else 0
+
+    return sorted(out, key=order)
+
+
+def read_runs():
+    if not RUNS.exists():
+        return []
+    return [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
+
+
+# ---- report ------------------------------------------------------------------------------------------------------
+METRICS = ("mse", "mae", "mse_normalised", "mae_normalised", "ncc", "dice_0.25", "dice_0.675")
+
+
+def report(seed: int):
+    import torch
+
+    runs = [r for r in read_runs() if r.get("seed", seed) == seed]
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["method"], r["kind"]), []).append(r)
+    summary = {"seed": seed, "cases_grown_on": "bundled 1 mm atlas, steps / 4", "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "machine": "2-core CPU (development machine)", "methods": {}}
+    for (method, kind), rows in sorted(groups.items()):
+        metric_rows = [{k: r["metrics"][k] for k in METRICS} for r in rows]
+        entry = summarise(metric_rows, worst_is_low={"ncc", "dice_0.25", "dice_0.675"})
+        errors = summarise([{k: r[k] for k in ("seed_error_mm", "mu_d_relative_error", "mu_rho_relative_error",
+                                               "runtime_s", "runtime_in_forward_runs")} for r in rows],
+                           worst_is_low=set())
+        entry.update(errors)
+        entry["clean_timings"] = int(sum(r["loadavg_after"] < 2.5 for r in rows))
+        for name in ("coverage_model", "coverage_standard", "coverage_blur", "coverage_truth"):
+            values = np.array([r[name] for r in rows if not math.isnan(r[name])])
+            entry[name] = {"mean": float(values.mean()), "standard_error": float(values.std(ddof=1) / math.sqrt(
+                len(values))) if len(values) > 1 else 0.0} if len(values) else None
+        for other in ("standard", "blur", "truth"):
+            paired = np.array([r["coverage_model"] - r[f"coverage_{other}"] for r in rows
+                               if not (math.isnan(r["coverage_model"]) or math.isnan(r[f"coverage_{other}"]))])
+            if len(paired) > 1:
+                entry[f"model_minus_{other}"] = {"mean": float(paired.mean()),
+                                                 "standard_error": float(paired.std(ddof=1) / math.sqrt(len(paired)))}
+        summary["methods"][f"{method} ({kind})"] = entry
+    # Same-case comparison with cma-solver (the classical baseline), where both ran.
+    solver = {r["case"]: r for r in runs if r["method"] == "cma-solver"}
+    if solver:
+        for method in FAST_METHODS + ("cma-surrogate",):
+            pairs = [(r, solver[r["case"]]) for r in runs if r["method"] == method and r["kind"] == "concentration"
+                     and r["case"] in solver]
+            if pairs:
+                summary["methods"][f"{method} (concentration)"]["versus_cma_solver_same_cases"] = {
+                    "cases": len(pairs),
+                    "speed_up": float(np.sum([b["runtime_s"] for _, b in pairs]) / np.sum([a["runtime_s"]
+                                                                                         for a, _ in pairs])),
+                    "ncc": float(np.mean([a["metrics"]["ncc"] for a, _ in pairs])),
+                    "ncc_cma_solver": float(np.mean([b["metrics"]["ncc"] for _, b in pairs]))}
+    out = ROOT / "benchmarks" / "inversion.json"
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    write_table(summary, ROOT / "benchmarks" / "inversion.md")
+    plot(groups, ROOT / "benchmarks" / "inversion.png")
+    print(f"wrote {out}, inversion.md, inversion.png from {len(runs)} runs")
+
+
+def _pm(entry, key, scale=1.0, digits=3):
+    value = entry[key]
+    return f"{value['mean'] * scale:.{digits}f} ± {value['standard_error'] * scale:.{digits}f}"
+
+
+def write_table(summary, path):
+    lines = ["# Inversion benchmark (Table 1 layout)", "",
+             "Held-out synthetic tumors on the bundled 1 mm atlas (steps / 4); every method's final FD run on the "
+             "1 mm grid against the hidden truth, inside the brain; mean ± standard error over cases. Wall time on "
+             "this 2-core CPU (torch threads: {}); `clean` counts the runs whose timing was taken with a 1-minute "
+             "load average < 2.5.".format(summary["threads"]), "",
+             "| method (input) | cases | MSE (1e-3) | MAE (1e-2) | norm. MSE | norm. MAE | NCC | NCC worst 5 % | "
+             "seed error mm | mu_D rel. err. | mu_rho rel. err. | wall time s (median) | × 1 mm FD runs (max) | "
+             "clean |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, e in summary["methods"].items():
+        lines.append(f"| {name} | {e['samples']} | {_pm(e, 'mse', 1e3)} | {_pm(e, 'mae', 1e2)} | "
+                     f"{_pm(e, 'mse_normalised')} | {_pm(e, 'mae_normalised')} | {_pm(e, 'ncc')} | "
+                     f"{e['ncc']['worst_5_percent_mean']:.3f} | {_pm(e, 'seed_error_mm', digits=1)} | "
+                     f"{_pm(e, 'mu_d_relative_error')} | {_pm(e, 'mu_rho_relative_error')} | "
+                     f"{e['runtime_s']['median']:.1f} | {e['runtime_in_forward_runs']['worst_5_percent_mean']:.1f} | "
+                     f"{e['clean_timings']} |")
+    lines += ["", "Later growth (the same tumors at 1.5x their age, visible part beyond today's) covered by plans of "
+                  "equal volume (the 15 mm standard plan's):", "",
+              "| method (input) | model plan | 15 mm plan | blurred labels | true parameters | model − 15 mm | "
+              "model − blurred | model − truth |", "|---|---|---|---|---|---|---|---|"]
+    for name, e in summary["methods"].items():
+        if e.get("coverage_model") is None:
+            continue
+        paired = [f"{e[k]['mean']:+.3f} ± {e[k]['standard_error']:.3f}" if k in e else "n/a"
+                  for k in ("model_minus_standard", "model_minus_blur", "model_minus_truth")]
+        lines.append(f"| {name} | {_pm(e, 'coverage_model')} | {_pm(e, 'coverage_standard')} | "
+                     f"{_pm(e, 'coverage_blur')} | {_pm(e, 'coverage_truth')} | " + " | ".join(paired) + " |")
+    versus = [(n, e["versus_cma_solver_same_cases"]) for n, e in summary["methods"].items()
+              if "versus_cma_solver_same_cases" in e]
+    if versus:
+        lines += ["", "Against cma-solver on the same cases:", "",
+                  "| method | cases | wall-time ratio (cma-solver / method) | NCC | NCC cma-solver |", "|---|---|---|---|---|"]
+        for name, v in versus:
+            lines.append(f"| {name} | {v['cases']} | {v['speed_up']:.0f}x | {v['ncc']:.4f} | {v['ncc_cma_solver']:.4f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(groups, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(groups, key=lambda k: (k[1], k[0]))
+    figure, axes = plt.subplots(1, 3, figsize=(18, 4.8))
+    for x, key in enumerate(names):
+        ncc = [r["metrics"]["ncc"] for r in groups[key]]
+        axes[0].scatter(np.full(len(ncc), x) + np.random.default_rng(x).uniform(-0.15, 0.15, len(ncc)), ncc, s=10,
+                        alpha=0.7)
+        axes[0].plot([x - 0.3, x + 0.3], [np.mean(ncc)] * 2, "k-", linewidth=1.5)
+        times = [r["runtime_s"] for r in groups[key]]
+        axes[1].scatter(np.full(len(times), x), times, s=10, alpha=0.7)
+    labels = [f"{m}\n({k[:4]})" for m, k in names]
+    for axis in axes[:2]:
+        axis.set_xticks(range(len(names)), labels, fontsize=7)
+    axes[0].axhline(0.95, color="k", linestyle="--", linewidth=0.8)
+    axes[0].axhline(0.85, color="k", linestyle=":", linewidth=0.8)
+    axes[0].set_ylabel("NCC of the final FD run vs hidden truth (per case)")
+    axes[0].set_title("per-case NCC (bar: mean; dashed 0.95 mean target, dotted 0.85 worst-5 % target)")
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("wall time per case (s)")
+    axes[1].set_title("wall time, 2-core CPU")
+    key = next((k for k in names if k[1] == "segmentation"), None)
+    if key is not None:
+        rows = groups[key]
+        values = [[r[f"coverage_{n}"] for r in rows if not math.isnan(r[f"coverage_{n}"])]
+                  for n in ("standard", "blur", "model", "truth")]
+        axes[2].boxplot(values, showmeans=True)
+        axes[2].set_xticks([1, 2, 3, 4], ["15 mm margin", "blurred labels", f"model ({key[0]})", "true parameters"],
+                           fontsize=8)
+        axes[2].set_ylabel("share of later growth covered")
+        axes[2].set_title(f"equal-volume plans, segmentation input, {len(rows)} cases")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=2026, help="random stream of the cases (training used 0, the "
+                                                                 "surrogate test set 1000)")
+    parser.add_argument("--hours", type=float, default=1.5, help="stop starting new tasks after this long")
+    parser.add_argument("--only", help="run only this method")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    if args.report_only:
+        report(args.seed)
+        return
+    done = {(r["case"], r["method"], r["kind"]) for r in read_runs() if r.get("seed", args.seed) == args.seed}
+    cases = Cases(args.seed)
+    started = time.perf_counter()
+    for index, method, kind in tasks(args.cases):
+        if (index, method, kind) in done or (args.only and method != args.only):
+            continue
+        if time.perf_counter() - started > args.hours * 3600:
+            print("time budget reached; run again to resume", flush=True)
+            break
+        row = run_task(cases, index, method, kind)
+        row["seed"] = args.seed
+        with open(RUNS, "a") as stream:
+            stream.write(json.dumps(row) + "\n")
+        print(f"case {index} {method} ({kind}): NCC {row['metrics']['ncc']:.4f}, seed {row['seed_error_mm']:.1f} mm, "
+              f"mu_D {100 * row['mu_d_relative_error']:.0f} %, mu_rho {100 * row['mu_rho_relative_error']:.0f} %, "
+              f"{row['runtime_s']:.1f} s (load {row['loadavg_after']:.1f}), coverage {row['coverage_model']:.3f} "
+              f"vs 15 mm {row['coverage_standard']:.3f}", flush=True)
+    report(args.seed)
+
+
+if __name__ == "__main__":
+    main()
