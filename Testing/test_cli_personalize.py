@@ -9,6 +9,7 @@ import pytest
 
 from TumorPersonalizationLib import GrowthParameters, simulate
 from TumorPersonalizationLib.cli import main
+from TumorPersonalizationLib.constants import DEFAULT_METHOD
 from TumorPersonalizationLib.geometry import Geometry, Volume
 
 TRUTH = GrowthParameters((28.0, -12.0, 24.0), 6.0, 2.5)
@@ -173,8 +174,12 @@ def test_demo_runs_end_to_end_with_the_default_method(tmp_path, capsys):
     assert code == 0, stderr
     assert {p.name for p in out.iterdir()} == OUTPUTS
     summary = json.loads(stdout)
-    assert summary["method"] == "hybrid-fd"
+    assert summary["method"] == DEFAULT_METHOD
     assert summary["errors"]["seed_mm"] < 3.0
     assert summary["errors"]["mu_d_relative"] < 0.1 and summary["errors"]["mu_rho_relative"] < 0.1
     assert summary["metrics_vs_truth"]["ncc"] > 0.99
+    covered = summary["later_growth_covered"]
+    assert set(covered) == {"standard", "model", "blurred_labels", "true_parameters"}
+    assert all(0 < v < 1 for v in covered.values())
+    assert covered["model"] >= covered["standard"]  # deterministic case: the fitted model plan beats the margin
     assert "recovered" in stderr and "mu_D mm" in stderr

@@ -171,3 +171,60 @@ def test_bundled_model_reproduces_its_model_card(name):
     assert stored, "empty check metrics"
     for key in stored:
         assert recomputed[key] == pytest.approx(stored[key], rel=1e-4, abs=1e-7)
+
+
+# Floors the bundled models must stay above on their stored held-out samples (independent of their cards, so a worse
+# retrained model fails here even when it reproduces its own card).
+BUNDLED_FLOORS = {"surrogate32": {"ncc": (">=", 0.9)},
+                  "inverse32": {"seed_error_mm": ("<=", 12.0), "mu_d_relative_error": ("<=", 0.3),
+                                "mu_rho_relative_error": ("<=", 0.3)}}
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLED_FLOORS))
+def test_bundled_models_stay_above_a_fixed_floor(name):
+    recomputed, _ = reproduce_check_samples(name)
+    for key, (relation, bound) in BUNDLED_FLOORS[name].items():
+        assert recomputed[key] >= bound if relation == ">=" else recomputed[key] <= bound, (key, recomputed[key])
+
+
+@pytest.mark.xfail(strict=True, reason="known defect of the bundled surrogate (issue 9): its training crops are centred "
+                   "on each tumor's centre of mass, so the seed offset only encodes the tumor's asymmetry and a 12 mm "
+                   "seed shift moves its tumor by < 0.1 mm; retraining on crops with jittered centres must make this "
+                   "pass (strict: it is reported when it does)")
+def test_moving_the_surrogate_seed_along_plus_x_moves_the_tumor_along_plus_x_in_ras():
+    """Seed offset +x (RAS, right) in the frame -> the predicted tumor's centre moves to +x, not to another axis."""
+    from TumorPersonalizationLib.atlas import load_atlas
+    from TumorPersonalizationLib.frame import SurrogateFrame
+    from TumorPersonalizationLib.registry import load_model
+
+    model, card = load_model("surrogate32", kind="surrogate")
+    atlas = load_atlas(2)
+    frame = SurrogateFrame.from_card(card, (20.0, -10.0, 20.0), atlas.geometry)
+    tissue = torch.as_tensor(frame.tissue_channels(atlas)[None])
+    centres = []
+    for dx in (-12.0, 0.0, 12.0):
+        seed = torch.tensor([[20.0 + dx, -10.0, 20.0]])
+        with torch.no_grad():
+            c = model(tissue, frame.normalise(seed, torch.tensor([4.0]), torch.tensor([2.0])).float())[0].numpy()
+        points = frame.geometry.index_kji_to_ras(np.argwhere(c >= 0.0).astype(float))
+        centres.append((points * c.reshape(-1, 1)).sum(axis=0) / c.sum())
+    shift_left, shift_right = centres[1] - centres[0], centres[2] - centres[1]
+    for shift in (shift_left, shift_right):
+        assert shift[0] > 3.0, centres  # moved right by several mm
+        assert abs(shift[0]) > 2 * max(abs(shift[1]), abs(shift[2])), centres
+
+
+def test_a_resumed_training_run_equals_an_uninterrupted_one(tmp_path):
+    data = tmp_path / "data"
+    generate(small_config(samples=6, shard_size=3), data, local=True)
+    recipe = {"name": "tiny", "kind": "surrogate", "config": TINY, "train_data": str(data), "epochs": 3,
+              "batch_size": 2, "learning_rate": 0.003, "patience": 10, "validation_fraction": 0.34, "seed": 0}
+    straight = train(recipe, tmp_path / "straight", models_directory=tmp_path / "m1")
+    assert train(recipe, tmp_path / "resumed", models_directory=tmp_path / "m2", max_epochs=1)["finished"] is False
+    assert train(recipe, tmp_path / "resumed", models_directory=tmp_path / "m2", max_epochs=1)["finished"] is False
+    resumed = train(recipe, tmp_path / "resumed", models_directory=tmp_path / "m2")
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in straight["history"]]
+    a, _ = load_model("tiny", directory=tmp_path / "m1")
+    b, _ = load_model("tiny", directory=tmp_path / "m2")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name

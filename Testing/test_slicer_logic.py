@@ -5,9 +5,8 @@ Two parts:
   replacing them, Cancel, a failed run's message) against a stand-in for the command line that takes the exact
   command the Logic builds, the dependency guard, and the batch script's files -> nodes -> files path with a stand-in
   personalisation.
-- Tests of the real personalisation (marked ``needs_pipeline`` below): the Logic's personalize on a rotated,
-  anisotropic segmentation, the module's self-test, a background run of the real command line and the batch script
-  on the bundled atlas.
+- Tests of the real personalisation: the Logic's personalize on a rotated, anisotropic segmentation, the module's
+  self-test, a background run of the real command line and the batch script on the bundled atlas.
 """
 import importlib.util
 import json
@@ -36,13 +35,6 @@ from TumorPersonalizationLib import mrml
 from TumorPersonalizationLib.errors import InputError
 from TumorPersonalizationLib.geometry import Geometry, Volume
 from TumorPersonalizationLib.tissue import Tissue
-
-# TODO(issue 8): the tests marked needs_pipeline run the real personalisation (pipeline.personalize, the command
-# line's personalize). Delete this marker to enable them once the pipeline is final. They passed against the
-# pipeline of 2026-12-01; measured on the 2-core machine while another job was running: self-test (default method)
-# 37-113 s, rotated segmentation 57-91 s, background run of the real command line 31 s, batch script 38 s.
-needs_pipeline = pytest.mark.skip(reason="TODO(issue 8): enable when the personalisation pipeline is final: delete "
-                                         "the needs_pipeline marker in Testing/test_slicer_logic.py")
 
 # A stand-in for `python -m TumorPersonalizationLib.cli personalize ...`: same arguments, behaviour chosen by the
 # environment variable FAKE_CLI (succeed | hang | fail). On success it writes an output folder as the command line
@@ -383,7 +375,6 @@ def _atlas_on_rotated_anisotropic_grid():
     return atlas, geometry, masks
 
 
-@needs_pipeline
 def test_personalize_on_a_rotated_anisotropic_segmentation_is_aligned_in_ras(mrml_scene, module):
     from TumorPersonalizationLib import GrowthParameters, simulate
     from TumorPersonalizationLib.progress import Cancelled
@@ -438,7 +429,6 @@ def test_personalize_on_a_rotated_anisotropic_segmentation_is_aligned_in_ras(mrm
     assert mrml_scene.GetNumberOfNodes() == count and all(again[k] is nodes[k] for k in nodes)
 
 
-@needs_pipeline
 def test_module_self_test_runs_under_slicer_core(module):
     mrml.create_headless_scene()
     case = module.TumorPersonalizationTest("runTest")
@@ -447,7 +437,6 @@ def test_module_self_test_runs_under_slicer_core(module):
     assert result.wasSuccessful() and not result.skipped, result.errors + result.failures + result.skipped
 
 
-@needs_pipeline
 def test_background_run_of_the_real_command_line(mrml_scene, module):
     from TumorPersonalizationLib import GrowthParameters, load_atlas, simulate
 
@@ -469,7 +458,6 @@ def test_background_run_of_the_real_command_line(mrml_scene, module):
     assert mrml.volume_from_node(outputs["infiltration"]).geometry.same_grid(atlas.geometry)
 
 
-@needs_pipeline
 def test_batch_script_on_the_bundled_atlas_under_plain_python(tmp_path):
     from TumorPersonalizationLib import GrowthParameters, load_atlas, simulate
 

@@ -14,6 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from TumorPersonalizationLib.constants import DEFAULT_METHOD
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 MODULE_DIRECTORY = REPOSITORY / "TumorPersonalization"
 MODULE_FILE = MODULE_DIRECTORY / "TumorPersonalization.py"
@@ -285,10 +287,10 @@ def test_logic_and_parameter_node_under_slicer_core(module):
     for name in ("TumorPersonalizationWidget", "TumorPersonalizationTest", "BackgroundRun"):
         assert hasattr(module, name)
     parameters = logic_class().getParameterNode()
-    assert parameters.method == "hybrid" and parameters.device == "auto"
+    assert parameters.method == DEFAULT_METHOD and parameters.device == "auto"
     assert (parameters.necroticLabel, parameters.edemaLabel, parameters.enhancingLabel) == (1, 2, 3)
     assert (parameters.csfLabel, parameters.gmLabel, parameters.wmLabel) == (1, 2, 3)
     assert (parameters.wmSegmentName, parameters.gmSegmentName, parameters.csfSegmentName) == ("WM", "GM", "CSF")
-    assert module.METHODS[0] == "hybrid" and set(module.METHODS) == {
+    assert module.METHODS[0] == DEFAULT_METHOD and set(module.METHODS) == {
         "hybrid", "hybrid-fd", "gb-surrogate", "direct", "cma-surrogate", "cma-solver"}
     assert logic_class.missingInputs(parameters) == ["tissue segmentation", "concentration map"]

@@ -115,17 +115,17 @@ def test_refined_time_step_changes_result_by_less_than_1e3(atlas_2mm, mu_d, mu_r
     assert float((default - refined).abs().max()) < 1e-3
 
 
-@pytest.mark.parametrize("mu_d, mu_rho", [(6.0, 4.0), (20.0, 0.0), (15.0, 0.5), (2.0, 7.0)])
+@pytest.mark.parametrize("mu_d, mu_rho", [(4.0, 3.0), (6.0, 0.0), (8.0, 1.0), (1.5, 5.0)])
 def test_active_region_matches_full_grid(atlas_2mm, mu_d, mu_rho):
-    # (20, 0): no growth, only the spreading bump; (2, 7): a front narrower than a voxel, which runs ahead on the grid.
+    # (6, 0): no growth, only the spreading bump; (1.5, 5): a front narrower than a voxel, which runs ahead on the grid.
+    # Every case is one whose box really cuts work (a box that covers the whole grid would pass trivially).
     operator = TissueOperator(atlas_2mm)
     seed = (28.0, -12.0, 24.0)
     with torch.no_grad():
         boxed, stats = simulate_tensor(operator, [mu_d], [mu_rho], [seed], return_stats=True)
         full = simulate_tensor(operator, [mu_d], [mu_rho], [seed], active_region=False)
     assert float((boxed - full).abs().max()) < 1e-5
-    if (mu_d, mu_rho) == (6.0, 4.0):
-        assert stats.active_voxels_final < stats.grid_voxels  # the box did cut work
+    assert stats.active_voxels_final < 0.8 * stats.grid_voxels  # the box did cut work
 
 
 def test_stop_hook_returns_the_tumor_at_the_stopping_time(atlas_2mm):
@@ -255,3 +255,66 @@ def test_simulate_on_working_grid_returns_tissue_grid(atlas_2mm):
     visible_coarse = coarse.array >= 0.25
     overlap = 2 * (visible_native & visible_coarse).sum() / (visible_native.sum() + visible_coarse.sum())
     assert overlap > 0.85
+
+
+def test_front_in_grey_matter_runs_sqrt_one_tenth_as_fast_as_in_white_matter():
+    """D_GM = D_WM / 10, so the Fisher-KPP speed 2 sqrt(D rho) in pure grey matter is sqrt(0.1) of white matter's."""
+    spacing = 0.25
+    speeds = {}
+    for name, (wm, gm) in {"white": (1.0, 0.0), "grey": (0.0, 1.0)}.items():
+        bar = make_tissue(np.full((1, 1, 560), wm), np.full((1, 1, 560), gm), spacing=(spacing,) * 3)
+        operator = TissueOperator(bar, dtype=torch.float64)
+        effective_d = 1.0 * (wm + 0.1 * gm)  # mm^2 per unit time: widths 1 and 0.32 mm, >= 1.3 voxels
+        seed = bar.geometry.index_kji_to_ras((0, 0, 20))
+        times = (20.0, 40.0) if name == "white" else (40.0, 80.0)
+        positions = []
+        for t in times:
+            with torch.no_grad():
+                c = simulate_tensor(operator, [math.sqrt(1.0 * t)], [math.sqrt(1.0 * t)], [seed])
+            profile = c[0, 0, 0].numpy()
+            assert profile[-1] < 1e-8
+            positions.append(_front_position(profile, spacing))
+        correction = 1.5 * math.sqrt(effective_d / 1.0) * math.log(times[1] / times[0])
+        speeds[name] = (positions[1] - positions[0] + correction) / (times[1] - times[0])
+    assert speeds["grey"] / speeds["white"] == pytest.approx(math.sqrt(0.1), rel=0.06), speeds
+
+
+def test_rotated_anisotropic_grid_agrees_with_the_axis_aligned_one():
+    """The same tissue and tumor on a grid rotated by 30 degrees with 1 x 1.5 x 2 mm voxels: the physics does not
+    depend on how the image was acquired (compared at the rotated grid's voxel centres, away from the borders)."""
+    from TumorPersonalizationLib.geometry import Geometry, resample_linear
+
+    n = 48
+    ras = make_tissue(np.ones((n, n, n)), spacing=(1.0, 1.0, 1.0), origin=(-23.5, -23.5, -23.5))
+    radius = np.linalg.norm(ras.geometry.ras_grid(), axis=-1)
+    wm = np.clip(20.0 - radius, 0.0, 1.0).astype(np.float32)  # a white-matter ball of radius 20 mm
+    ras = make_tissue(wm, spacing=(1.0, 1.0, 1.0), origin=(-23.5, -23.5, -23.5))
+    angle = np.deg2rad(30.0)
+    direction = np.array([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0, 0, 1.0]])
+    spacing = np.array([1.0, 1.5, 2.0])
+    size_ijk = np.array([44, 30, 22])
+    origin = -direction @ (spacing * (size_ijk - 1) / 2.0)
+    rotated_geometry = Geometry(tuple(size_ijk[::-1]), tuple(spacing), tuple(origin), direction)
+    rotated_wm = np.clip(20.0 - np.linalg.norm(rotated_geometry.ras_grid(), axis=-1), 0.0, 1.0).astype(np.float32)
+    rotated = make_tissue(rotated_wm, spacing=tuple(spacing), origin=tuple(origin), direction=direction)
+    parameters = GrowthParameters((3.0, -2.0, 1.0), 4.0, 2.5)
+    aligned_c = simulate(ras, parameters).array
+    rotated_c = simulate(rotated, parameters).array
+    on_rotated = resample_linear(aligned_c, ras.geometry, rotated_geometry)
+    inside = np.linalg.norm(rotated_geometry.ras_grid(), axis=-1) < 15.0
+    assert rotated_c[inside].max() > 0.5
+    assert np.abs(rotated_c - on_rotated)[inside].max() < 0.05
+    from TumorPersonalizationLib.metrics import ncc
+
+    assert ncc(rotated_c[inside], on_rotated[inside]) > 0.995
+
+
+def test_laplacian_backward_is_the_adjoint_stencil():
+    """The hand-written backward of the Laplacian (the operator is self-adjoint) against autograd's numerical check,
+    on a tissue with every face rule (CSF pocket, mixed fractions) and a box with closed outer faces."""
+    from TumorPersonalizationLib.solver import laplacian
+
+    operator = TissueOperator(heterogeneous_tissue(shape=(6, 7, 8)), dtype=torch.float64)
+    faces = operator.box_faces([(1, 6), (0, 6), (2, 8)])
+    c = torch.rand((2, 5, 6, 6), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: laplacian(x, faces), (c,))

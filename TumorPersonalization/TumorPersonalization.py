@@ -76,10 +76,11 @@ def _makeLibraryImportable() -> None:
 _makeLibraryImportable()
 
 from TumorPersonalizationLib import mrml  # noqa: E402  (after the path set-up above)
+from TumorPersonalizationLib.constants import DEFAULT_METHOD, METHODS as LIBRARY_METHODS  # noqa: E402
 from TumorPersonalizationLib.errors import InputError  # noqa: E402
 
-# Methods of TumorPersonalizationLib.inversion; the panel shows the first by default and the others under Advanced.
-METHODS = ("hybrid", "hybrid-fd", "gb-surrogate", "direct", "cma-surrogate", "cma-solver")
+# Methods of TumorPersonalizationLib.inversion; the panel shows the library's default first, the others under Advanced.
+METHODS = (DEFAULT_METHOD,) + tuple(m for m in LIBRARY_METHODS if m != DEFAULT_METHOD)
 DEVICES = ("auto", "cpu", "cuda")
 TISSUE_INPUTS = ("Segmentation (WM/GM/CSF segments)", "Label map", "Probability maps")
 TUMOR_INPUTS = ("Concentration map", "Tumor label map", "Tumor segmentation")

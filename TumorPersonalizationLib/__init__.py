@@ -7,7 +7,8 @@ from .geometry import Geometry, Volume
 from .parameters import GrowthParameters
 from .tissue import Tissue, TissueLabels
 
-__all__ = ["Geometry", "GrowthParameters", "InputError", "Tissue", "TissueLabels", "Volume", "load_atlas", "simulate"]
+__all__ = ["Geometry", "GrowthParameters", "InputError", "Tissue", "TissueLabels", "Volume", "load_atlas", "personalize",
+           "simulate"]
 __version__ = "0.1.0"
 
 
@@ -23,3 +24,10 @@ def load_atlas(spacing_mm: int = 2):
     from .atlas import load_atlas as _load_atlas
 
     return _load_atlas(spacing_mm)
+
+
+def personalize(*args, **kwargs):
+    """Growth parameters and infiltration map that explain an observed tumor; see pipeline.personalize."""
+    from .pipeline import personalize as _personalize
+
+    return _personalize(*args, **kwargs)

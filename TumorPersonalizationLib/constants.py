@@ -32,7 +32,7 @@ VISIBLE_THRESHOLDS = (EDEMA_THRESHOLD, CORE_THRESHOLD)
 # Names of the inversion methods (inversion.py) and the default: the best the benchmark (benchmarks/inversion.py)
 # shows within the time target; the README says why.
 METHODS = ("hybrid-fd", "hybrid", "gb-surrogate", "direct", "cma-surrogate", "cma-solver")
-DEFAULT_METHOD = "hybrid-fd"
+DEFAULT_METHOD = "hybrid"
 
 # ---- clinical target volume -----------------------------------------------------------------------------------------
 # The standard radiotherapy plan: the tumor core grown by this margin (mm), clipped to the brain (ESTRO-EANO 2016

@@ -442,6 +442,14 @@ def tumor_segment_labels(node, labels: Sequence[int] = (1, 2, 3)) -> Dict[str, i
 
 
 # ---- library types -> nodes ---------------------------------------------------------------------------------------
+def _reuse_or_create(scene, node, class_name: str, name: str):
+    """`node` renamed when it is a node of that class in the scene (a re-run replaces its outputs), else a new one."""
+    if not _node_in_scene(scene, node) or not node.IsA(class_name):
+        return scene.AddNewNodeByClass(class_name, name)
+    node.SetName(name)
+    return node
+
+
 def _node_in_scene(scene, node) -> bool:
     return node is not None and node.GetScene() is scene and scene.GetNodeByID(node.GetID()) is node
 
@@ -533,10 +541,7 @@ def plans_to_segmentation_node(scene, plans: Mapping[str, np.ndarray], geometry:
     set to the plans' grid, so exporting (e.g. SlicerRT's RT structure set) keeps their resolution."""
     import slicer
 
-    if not _node_in_scene(scene, node) or not node.IsA("vtkMRMLSegmentationNode"):
-        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-    else:
-        node.SetName(name)
+    node = _reuse_or_create(scene, node, "vtkMRMLSegmentationNode", name)
     node.SetAndObserveTransformNodeID(None)
     node.CreateDefaultDisplayNodes()
     segmentation = node.GetSegmentation()
@@ -593,10 +598,7 @@ def _default_plan_color(plan_name: str) -> Tuple[float, float, float]:
 
 def seed_to_markups(scene, seed_ras_mm: Sequence[float], node=None, name: str = "Tumor seed", label: str = "seed"):
     """The tumor's seed as the single, locked control point of a point list node (reused when given)."""
-    if not _node_in_scene(scene, node) or not node.IsA("vtkMRMLMarkupsFiducialNode"):
-        node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
-    else:
-        node.SetName(name)
+    node = _reuse_or_create(scene, node, "vtkMRMLMarkupsFiducialNode", name)
     node.SetAndObserveTransformNodeID(None)
     node.RemoveAllControlPoints()
     x, y, z = (float(v) for v in seed_ras_mm)
@@ -637,10 +639,7 @@ def table_node_from_dict(scene, values: Mapping, node=None, name: str = "Tumor p
     Reuses `node` (its rows are replaced)."""
     import vtk
 
-    if not _node_in_scene(scene, node) or not node.IsA("vtkMRMLTableNode"):
-        node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
-    else:
-        node.SetName(name)
+    node = _reuse_or_create(scene, node, "vtkMRMLTableNode", name)
     node.RemoveAllColumns()
     rows = _flatten(values)
     columns = []

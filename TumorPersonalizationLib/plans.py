@@ -116,3 +116,28 @@ def make_plans(tissue, concentration: np.ndarray, core: np.ndarray, visible: Opt
     as_labels = lambda mask: None if mask is None else mask.astype(np.uint8) * PLAN_LABEL  # noqa: E731
     return TargetPlans(tissue.geometry, as_labels(standard), as_labels(model), as_labels(iso), iso_level, margin_mm,
                        notes)
+
+
+def blurred_label_scores(visible: np.ndarray, core: np.ndarray, geometry: Geometry,
+                         sigma_mm: float = 3.0) -> np.ndarray:
+    """A model-free ranking of voxels: the labels weighted 0.9 (core) / 0.45 (rest of the visible tumor), blurred by a
+    Gaussian of sigma_mm. Ranked to a plan of a given volume, it is what a model has to beat."""
+    from scipy.ndimage import gaussian_filter
+
+    weighted = np.where(np.asarray(core) > 0.5, 0.9, np.where(np.asarray(visible) > 0.5, 0.45, 0.0))
+    return gaussian_filter(weighted.astype(np.float32), [sigma_mm / s for s in geometry.spacing_kji_mm])
+
+
+def later_growth_coverage(tissue, plans: TargetPlans, growth: np.ndarray, visible: np.ndarray, core: np.ndarray,
+                          true_concentration: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """Share of later growth (a bool mask on the tissue grid) covered by the standard plan, the model plan, the
+    blurred-label plan and (when given) the true concentration's plan, all of the standard plan's volume."""
+    brain = planning_brain_mask(tissue.wm, tissue.gm)
+    voxels = int(plans.standard.sum())
+    growth = np.asarray(growth, bool) & brain
+    out = {"standard": coverage(plans.standard > 0, growth), "model": coverage(plans.model > 0, growth),
+           "blurred_labels": coverage(model_plan(blurred_label_scores(visible, core, tissue.geometry), brain, voxels),
+                                      growth)}
+    if true_concentration is not None:
+        out["true_parameters"] = coverage(model_plan(true_concentration, brain, voxels), growth)
+    return out

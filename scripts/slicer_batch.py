@@ -84,32 +84,28 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
 # ---- files -> nodes ---------------------------------------------------------------------------------------------
 def read_volume_node(scene, path, name: str, labelmap: bool = False):
     """A volume node read by Slicer's reader (vtkMRMLVolumeArchetypeStorageNode)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"file not found: {path}")
-    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", name)
-    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-    storage.SetFileName(str(path))
-    if not storage.ReadData(node):
-        scene.RemoveNode(node)
-        scene.RemoveNode(storage)
-        raise InputError(f"cannot read image {path} (NIfTI, NRRD and MHA are supported)")
-    node.SetAndObserveStorageNodeID(storage.GetID())
-    return node
+    return _read_node(scene, path, name, "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode",
+                      "vtkMRMLVolumeArchetypeStorageNode", "image", " (NIfTI, NRRD and MHA are supported)")
 
 
 def read_segmentation_node(scene, path, name: str):
     """A segmentation node read by Slicer's reader (vtkMRMLSegmentationStorageNode)."""
+    return _read_node(scene, path, name, "vtkMRMLSegmentationNode", "vtkMRMLSegmentationStorageNode", "segmentation")
+
+
+def _read_node(scene, path, name: str, node_class: str, storage_class: str, what: str, hint: str = ""):
+    """A node of node_class read from a file by a storage node of storage_class; nothing is left in the scene when
+    the file cannot be read."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"file not found: {path}")
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    node = scene.AddNewNodeByClass(node_class, name)
+    storage = scene.AddNewNodeByClass(storage_class)
     storage.SetFileName(str(path))
     if not storage.ReadData(node):
         scene.RemoveNode(node)
         scene.RemoveNode(storage)
-        raise InputError(f"cannot read segmentation {path}")
+        raise InputError(f"cannot read {what} {path}{hint}")
     node.SetAndObserveStorageNodeID(storage.GetID())
     return node
 
