@@ -115,7 +115,7 @@ def test_refined_time_step_changes_result_by_less_than_1e3(atlas_2mm, mu_d, mu_r
     assert float((default - refined).abs().max()) < 1e-3
 
 
-@pytest.mark.parametrize("mu_d, mu_rho", [(4.0, 3.0), (6.0, 0.0), (8.0, 1.0), (1.5, 5.0)])
+@pytest.mark.parametrize("mu_d, mu_rho", [(4.0, 3.0), (6.0, 0.0), (4.0, 1.0), (1.5, 5.0)])
 def test_active_region_matches_full_grid(atlas_2mm, mu_d, mu_rho):
     # (6, 0): no growth, only the spreading bump; (1.5, 5): a front narrower than a voxel, which runs ahead on the grid.
     # Every case is one whose box really cuts work (a box that covers the whole grid would pass trivially).

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import List, Optional
 
 
-from .constants import CORE_THRESHOLD, EDEMA_THRESHOLD
+from .constants import CORE_THRESHOLD, EDEMA_THRESHOLD, STANDARD_MARGIN_MM
 from .errors import InputError
 from .progress import BarProgress, Cancelled, JsonLinesProgress
 
@@ -141,7 +141,7 @@ def _make_progress(mode: str, description: str):
 
 
 def _add_personalize_options(parser, with_method_default=True):
-    from .constants import DEFAULT_METHOD, METHODS
+    from .constants import DEFAULT_METHOD, DEFAULT_WORKING_SPACING_MM, METHODS, STANDARD_MARGIN_MM
 
     group = parser.add_argument_group("personalisation")
     group.add_argument("--method", choices=METHODS, default=None,
@@ -149,17 +149,17 @@ def _add_personalize_options(parser, with_method_default=True):
                             f"time target; see the README)")
     group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="where networks and solver run (default auto: CUDA when present)")
-    group.add_argument("--working-spacing", type=float, default=2.0, metavar="MM",
+    group.add_argument("--working-spacing", type=float, default=DEFAULT_WORKING_SPACING_MM, metavar="MM",
                        help="voxel size of the grid the search's FD runs use (default 2 mm; the final run is always "
                             "on the tissue's own grid)")
     group.add_argument("--iso-level", type=float, metavar="C",
                        help="also write plan_iso.nii.gz: brain voxels with concentration >= C")
-    group.add_argument("--margin", type=float, default=15.0, metavar="MM",
-                       help="margin of the standard plan around the tumor core (default 15 mm)")
-    group.add_argument("--edema-threshold", type=float, default=0.25,
-                       help="imaging model: concentration visible on FLAIR/T2 (default 0.25)")
-    group.add_argument("--core-threshold", type=float, default=0.675,
-                       help="imaging model: concentration visible on T1Gd (default 0.675)")
+    group.add_argument("--margin", type=float, default=STANDARD_MARGIN_MM, metavar="MM",
+                       help=f"margin of the standard plan around the tumor core (default {STANDARD_MARGIN_MM:g} mm)")
+    group.add_argument("--edema-threshold", type=float, default=EDEMA_THRESHOLD,
+                       help=f"imaging model: concentration visible on FLAIR/T2 (default {EDEMA_THRESHOLD:g})")
+    group.add_argument("--core-threshold", type=float, default=CORE_THRESHOLD,
+                       help=f"imaging model: concentration visible on T1Gd (default {CORE_THRESHOLD:g})")
     group.add_argument("--cma-budget", type=int, metavar="N",
                        help="evaluation budget of the CMA-ES methods (default 3000 surrogate, 1500 solver runs)")
     group.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
@@ -211,7 +211,7 @@ def _personalize(tissue, observation, settings: dict, progress):
     return personalize(tissue, observation, method=settings.get("method"), progress=progress,
                        device=settings.get("device", "auto"), working_spacing_mm=settings.get("working_spacing_mm"),
                        options=options, iso_level=settings.get("iso_level"),
-                       margin_mm=settings.get("margin_mm", 15.0))
+                       margin_mm=settings.get("margin_mm", STANDARD_MARGIN_MM))
 
 
 def _load_observation(path, settings: dict):
@@ -219,8 +219,8 @@ def _load_observation(path, settings: dict):
 
     return Observation.from_file(path, settings.get("tumor_kind", "concentration"),
                                  tuple(settings.get("tumor_labels", (1, 2, 3))),
-                                 ImagingModel(settings.get("edema_threshold", 0.25),
-                                              settings.get("core_threshold", 0.675)))
+                                 ImagingModel(settings.get("edema_threshold", EDEMA_THRESHOLD),
+                                              settings.get("core_threshold", CORE_THRESHOLD)))
 
 
 def _result_summary(result) -> dict:
@@ -473,9 +473,14 @@ def _run_batch_on_dask(cases, out_root, settings, scheduler, workers, finish):
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
         client = Client(cluster)
     try:
-        futures = [client.submit(run_case, case, out_root, settings, pure=False) for case in cases]
-        for future in as_completed(futures):
-            finish(future.result())
+        futures = {client.submit(run_case, case, out_root, settings, pure=False): case for case in cases}
+        for future in as_completed(list(futures)):
+            try:
+                row = future.result()
+            except Exception as error:  # a worker died (e.g. killed for memory): that case failed, the rest go on
+                row = {"case": futures[future]["case"], "status": "failed",
+                       "error": " ".join(f"{type(error).__name__}: {error}".split())}
+            finish(row)
     finally:
         client.close()
         if cluster is not None:

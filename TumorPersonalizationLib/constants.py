@@ -33,6 +33,8 @@ VISIBLE_THRESHOLDS = (EDEMA_THRESHOLD, CORE_THRESHOLD)
 # shows within the time target; the README says why.
 METHODS = ("hybrid-fd", "hybrid", "gb-surrogate", "direct", "cma-surrogate", "cma-solver")
 DEFAULT_METHOD = "hybrid"
+# Voxel size (mm) of the grid the search's FD runs use; the final run is always on the tissue's own grid.
+DEFAULT_WORKING_SPACING_MM = 2.0
 
 # ---- clinical target volume -----------------------------------------------------------------------------------------
 # The standard radiotherapy plan: the tumor core grown by this margin (mm), clipped to the brain (ESTRO-EANO 2016

@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .constants import METHODS, STANDARD_MARGIN_MM
+from .constants import BRAIN_FRACTION_THRESHOLD, METHODS, STANDARD_MARGIN_MM
 from .errors import InputError
 from .frame import SurrogateFrame
 from .geometry import Geometry
@@ -70,10 +70,13 @@ class InversionOptions:
 
 @dataclass
 class Candidate:
+    """A method's answer; `space` is the search space it was found in (its bounds decide the on-bound warning)."""
+
     parameters: GrowthParameters
     source: str
     surrogate_loss: Optional[float] = None
     fd_loss: Optional[float] = None
+    space: Optional["SearchSpace"] = None
 
 
 @dataclass
@@ -104,7 +107,10 @@ class SearchSpace:
                    tuple(mu_rho_range))
 
     def with_ranges(self, mu_d_range, mu_rho_range) -> "SearchSpace":
-        return replace(self, mu_d_range=tuple(mu_d_range), mu_rho_range=tuple(mu_rho_range))
+        narrowed = replace(self, mu_d_range=tuple(mu_d_range), mu_rho_range=tuple(mu_rho_range))
+        if hasattr(self, "_nearest"):  # the seed projection's distance transform does not depend on the mu ranges
+            object.__setattr__(narrowed, "_nearest", self._nearest)
+        return narrowed
 
     @property
     def _low(self) -> np.ndarray:
@@ -128,10 +134,11 @@ class SearchSpace:
         x = low + unit * span
         return x[:, :3], x[:, 3], x[:, 4]
 
-    def from_unit(self, unit: np.ndarray) -> GrowthParameters:
-        """Unit-cube point -> parameters, the seed projected onto the allowed voxels."""
+    def from_unit(self, unit: np.ndarray, project: bool = True) -> GrowthParameters:
+        """Unit-cube point -> parameters, the seed projected onto the allowed voxels (unless project=False)."""
         x = self._low + np.clip(unit, 0.0, 1.0) * self._span
-        return self.project(GrowthParameters(tuple(x[:3]), x[3], x[4]))
+        parameters = GrowthParameters(tuple(x[:3]), x[3], x[4])
+        return self.project(parameters) if project else parameters
 
     def project(self, parameters: GrowthParameters) -> GrowthParameters:
         """The nearest parameters inside the space: mu's clipped to their ranges, the seed moved to the nearest
@@ -207,7 +214,7 @@ class SurrogateModel:
         self.device = torch.device(device)
         channels = frame.tissue_channels(tissue)
         self.tissue = torch.as_tensor(channels[None], dtype=torch.float32, device=self.device)
-        self.brain = ((self.tissue[0, 0] + self.tissue[0, 1]) >= 0.1).to(torch.float32)
+        self.brain = ((self.tissue[0, 0] + self.tissue[0, 1]) >= BRAIN_FRACTION_THRESHOLD).to(torch.float32)
         self.observation = observation.in_frame(frame)
         self.terms = self.observation.loss_terms(self.device)
         for parameter in self.model.parameters():
@@ -271,9 +278,12 @@ class Problem:
             self._inverse = (model, card, self._frame(card))
         return self._inverse
 
-    def network_space(self) -> SearchSpace:
-        """The search space clipped to the surrogate's trained ranges."""
-        scaling = self.surrogate().frame.scaling
+    def network_space(self, card: Optional[Dict] = None) -> SearchSpace:
+        """The search space clipped to a network's trained ranges (its card's scaling; the surrogate's by default)."""
+        from .parameters import ParameterScaling
+
+        scaling = ParameterScaling.from_dict((card or self.surrogate().card)["scaling"])
+        self.space.project(GrowthParameters(tuple(self.space.seed_low_ras_mm), 1.0, 1.0))  # caches the projection
         return self.space.with_ranges(
             (max(scaling.mu_d_mm_range[0], MIN_MU_D_MM), min(scaling.mu_d_mm_range[1], self.space.mu_d_range[1])),
             (max(scaling.mu_rho_range[0], MIN_MU_RHO), min(scaling.mu_rho_range[1], self.space.mu_rho_range[1])))
@@ -326,7 +336,28 @@ def _lbfgs(problem: Problem, space: SearchSpace, loss_of: Callable, start: Growt
 
     minimize(objective, space.to_unit(start), jac=True, method="L-BFGS-B", bounds=[(0.0, 1.0)] * 5,
              options={"maxiter": max_iterations, "maxfun": max_evaluations, "ftol": ftol, "gtol": 1e-12})
-    return space.from_unit(best["unit"]), best["loss"]
+    return _projected(problem, space, best["unit"], best["loss"], stage, kind,
+                      lambda unit: _unit_loss(loss_of, space, unit))
+
+
+def _unit_loss(loss_of: Callable, space: SearchSpace, unit: np.ndarray) -> float:
+    with torch.no_grad():
+        seeds, mu_d, mu_rho = space.from_unit_tensor(torch.tensor(np.asarray(unit)[None], dtype=torch.float64))
+        return float(loss_of(seeds, mu_d, mu_rho)[0])
+
+
+def _projected(problem: Problem, space: SearchSpace, unit: np.ndarray, loss: float, stage: str, kind: str,
+               unit_loss: Callable) -> Tuple[GrowthParameters, float]:
+    """The best point with its seed moved onto the allowed voxels, and the loss *there*: the optimisers search the
+    seed's bounding box, and a seed just outside the brain can score well while the answer is the projected one."""
+    raw = space.from_unit(unit, project=False)
+    parameters = space.project(raw)
+    if np.allclose(parameters.seed_ras_mm, raw.seed_ras_mm, atol=1e-6):
+        return parameters, loss
+    check_cancel(problem.cancel)
+    loss = unit_loss(space.to_unit(parameters))
+    problem.record(f"{stage}: projected seed", loss, kind)
+    return parameters, loss
 
 
 def _cma(problem: Problem, space: SearchSpace, batch_losses: Callable, start: GrowthParameters, budget: int,
@@ -350,7 +381,7 @@ def _cma(problem: Problem, space: SearchSpace, batch_losses: Callable, start: Gr
                 best = (float(loss), np.asarray(unit))
         evaluations += len(population)
         report(progress, min(evaluations / budget, 1.0), f"{stage} best loss {best[0]:.3e} ({evaluations} runs)")
-    return space.from_unit(best[1]), best[0]
+    return _projected(problem, space, best[1], best[0], stage, kind, lambda unit: batch_losses([unit])[0])
 
 
 # ---- methods -----------------------------------------------------------------------------------------------------
@@ -368,7 +399,8 @@ def direct(problem: Problem) -> Candidate:
     raw = GrowthParameters(tuple(seed), float(np.clip(mu_d, 0, MU_D_MM_BOUNDS[1])),
                            float(np.clip(mu_rho, 0, MU_RHO_BOUNDS[1])))
     report(problem.progress, 1.0, "direct: inverse network")
-    return Candidate(problem.network_space().project(raw), "direct")
+    space = problem.network_space(card)
+    return Candidate(space.project(raw), "direct", space=space)
 
 
 def gb_surrogate(problem: Problem, start: Optional[Candidate] = None) -> Candidate:
@@ -379,7 +411,7 @@ def gb_surrogate(problem: Problem, start: Optional[Candidate] = None) -> Candida
     parameters, loss = _lbfgs(problem, space, surrogate.losses, space.project(start.parameters), "gb-surrogate",
                               "surrogate", problem.options.gb_max_iterations, 5 * problem.options.gb_max_iterations,
                               problem.options.gb_ftol, sub_progress(problem.progress, 0.0, 1.0))
-    return Candidate(parameters, "gb-surrogate", surrogate_loss=loss)
+    return Candidate(parameters, "gb-surrogate", surrogate_loss=loss, space=space)
 
 
 def hybrid(problem: Problem) -> Candidate:
@@ -414,7 +446,7 @@ def fd_polish(problem: Problem, start: Candidate) -> Candidate:
                               problem.progress, relative=True)
     if loss >= start.fd_loss:  # the polish never makes the answer worse than its start
         return replace(start, source=f"hybrid-fd ({start.source}, polish did not improve)")
-    return Candidate(parameters, "hybrid-fd", fd_loss=loss)
+    return Candidate(parameters, "hybrid-fd", fd_loss=loss, space=problem.space)
 
 
 def _box_centre(space: SearchSpace) -> GrowthParameters:
@@ -434,7 +466,7 @@ def cma_surrogate(problem: Problem) -> Candidate:
 
     parameters, loss = _cma(problem, space, batch_losses, _box_centre(space), problem.options.cma_surrogate_budget,
                             "cma-surrogate", "surrogate", problem.progress)
-    return Candidate(parameters, "cma-surrogate", surrogate_loss=loss)
+    return Candidate(parameters, "cma-surrogate", surrogate_loss=loss, space=space)
 
 
 def cma_solver(problem: Problem) -> Candidate:
@@ -452,10 +484,10 @@ def cma_solver(problem: Problem) -> Candidate:
 
     parameters, loss = _cma(problem, space, batch_losses, _box_centre(space), problem.options.cma_solver_budget,
                             "cma-solver", "fd", problem.progress)
-    return Candidate(parameters, "cma-solver", fd_loss=loss)
+    return Candidate(parameters, "cma-solver", fd_loss=loss, space=space)
 
 
-def replace_progress(problem: Problem, progress: Optional[ProgressCallback]) -> Problem:
+def replace_progress(problem: Problem, progress: Optional[ProgressCallback]) -> "_SharedProblem":
     """The same problem (same models, history and cancel flag) reporting to another progress callback."""
     return _SharedProblem(problem, progress)
 

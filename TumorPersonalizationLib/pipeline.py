@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Union
 
 import numpy as np
 
-from .constants import DEFAULT_METHOD, METHODS, STANDARD_MARGIN_MM
+from .constants import DEFAULT_METHOD, DEFAULT_WORKING_SPACING_MM, METHODS, STANDARD_MARGIN_MM
 from .errors import InputError
 from .geometry import Volume
 from .inversion import InversionOptions, Problem, SearchSpace, run_method
@@ -31,7 +31,6 @@ from .plans import TargetPlans, make_plans
 from .progress import ProgressCallback, check_cancel, report, sub_progress
 from .tissue import Tissue
 
-DEFAULT_WORKING_SPACING_MM = 2.0
 # A fit is called poor below these agreements with the observation (NCC for a concentration, Dice of the visible
 # tumor for a segmentation): then the model does not explain the data and its infiltration map should not be used.
 POOR_FIT_NCC = 0.9
@@ -130,7 +129,7 @@ def personalize(tissue: Tissue, observation: Union[Observation, Volume], method:
     problem.record("final FD run (tissue grid)", loss, "fd")
     report(progress, 0.97, "target plans")
     plans = make_plans(tissue, concentration.array, gridded.core > 0.5, visible, margin_mm, iso_level)
-    warnings += plans.notes + _fit_warnings(gridded, fit, space, parameters, problem)
+    warnings += plans.notes + _fit_warnings(gridded, fit, candidate.space or space, parameters, problem)
     provenance = _provenance(method, options, device, work, problem, candidate)
     report(progress, 1.0, "done")
     return PersonalizationResult(parameters, concentration, loss, time.perf_counter() - started, problem.history, plans,
@@ -163,9 +162,10 @@ def _final_loss(observation: GriddedObservation, concentration: Volume, tissue: 
     brain = torch.as_tensor(tissue.brain_mask, dtype=torch.float32)
     c = torch.as_tensor(concentration.array[None], dtype=torch.float32)
     loss = float(observation.loss(c, brain)[0])
-    reference = observation.concentration if observation.concentration is not None else observation.visible
-    scores = compare(concentration.array, reference, tissue.brain_mask, thresholds=())
-    fit = {"ncc": round(scores["ncc"], 4)}
+    fit = {}
+    if observation.concentration is not None:  # NCC against a segmentation's binary mask would be easy to misread
+        fit["ncc"] = round(compare(concentration.array, observation.concentration, tissue.brain_mask,
+                                   thresholds=())["ncc"], 4)
     for name, threshold, mask in (("dice_visible", observation.imaging.edema_threshold, observation.visible),
                                   ("dice_core", observation.imaging.core_threshold, observation.core)):
         from .metrics import dice

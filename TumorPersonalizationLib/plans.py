@@ -42,15 +42,21 @@ def standard_plan(core: np.ndarray, brain: np.ndarray, geometry: Geometry,
     return (distance_mm(core, geometry) <= margin_mm + 1e-6) & np.asarray(brain, bool)
 
 
-def model_plan(concentration: np.ndarray, brain: np.ndarray, voxels: int) -> np.ndarray:
-    """The `voxels` brain voxels of highest concentration (ties broken by voxel order, so the volume is exact)."""
+def model_plan(concentration: np.ndarray, brain: np.ndarray, voxels: int,
+               distance_to_tumor_mm: Optional[np.ndarray] = None) -> np.ndarray:
+    """The `voxels` brain voxels of highest concentration, so the volume is exact. Ties (a map that is 0, or rounded,
+    over part of the brain) go to the voxels nearest the tumor when distance_to_tumor_mm is given, else by voxel
+    order: without it, a plan larger than the map's support would be filled from the first slices of the image."""
     brain = np.asarray(brain, bool)
     values = np.where(brain, np.asarray(concentration, np.float64), -np.inf).ravel()
     voxels = int(min(max(voxels, 0), int(brain.sum())))
     plan = np.zeros(values.size, bool)
     if voxels > 0:
-        order = np.argsort(-values, kind="stable")[:voxels]
-        plan[order] = True
+        if distance_to_tumor_mm is None:
+            order = np.argsort(-values, kind="stable")
+        else:
+            order = np.lexsort((np.asarray(distance_to_tumor_mm, np.float64).ravel(), -values))
+        plan[order[:voxels]] = True
     return plan.reshape(np.shape(concentration))
 
 
@@ -110,8 +116,9 @@ def make_plans(tissue, concentration: np.ndarray, core: np.ndarray, visible: Opt
             raise InputError("no tumor core or visible tumor to plan around")
         core = np.asarray(visible, bool)
         notes.append("the observation has no tumor core: the standard plan grows the visible tumor instead")
-    standard = standard_plan(core, brain, tissue.geometry, margin_mm)
-    model = model_plan(concentration, brain, int(standard.sum()))
+    distance = distance_mm(core, tissue.geometry)
+    standard = (distance <= margin_mm + 1e-6) & brain
+    model = model_plan(concentration, brain, int(standard.sum()), distance)
     iso = None if iso_level is None else iso_plan(concentration, brain, iso_level)
     as_labels = lambda mask: None if mask is None else mask.astype(np.uint8) * PLAN_LABEL  # noqa: E731
     return TargetPlans(tissue.geometry, as_labels(standard), as_labels(model), as_labels(iso), iso_level, margin_mm,
@@ -125,7 +132,9 @@ def blurred_label_scores(visible: np.ndarray, core: np.ndarray, geometry: Geomet
     from scipy.ndimage import gaussian_filter
 
     weighted = np.where(np.asarray(core) > 0.5, 0.9, np.where(np.asarray(visible) > 0.5, 0.45, 0.0))
-    return gaussian_filter(weighted.astype(np.float32), [sigma_mm / s for s in geometry.spacing_kji_mm])
+    # Not cut at the default 4 sigma (12 mm): the plans it is ranked into reach 15 mm beyond the core and more.
+    return gaussian_filter(weighted.astype(np.float64), [sigma_mm / s for s in geometry.spacing_kji_mm],
+                           truncate=(STANDARD_MARGIN_MM + 25.0) / sigma_mm)
 
 
 def later_growth_coverage(tissue, plans: TargetPlans, growth: np.ndarray, visible: np.ndarray, core: np.ndarray,
@@ -135,9 +144,10 @@ def later_growth_coverage(tissue, plans: TargetPlans, growth: np.ndarray, visibl
     brain = planning_brain_mask(tissue.wm, tissue.gm)
     voxels = int(plans.standard.sum())
     growth = np.asarray(growth, bool) & brain
+    distance = distance_mm(np.asarray(visible) > 0.5, tissue.geometry)
+    scores = blurred_label_scores(visible, core, tissue.geometry)
     out = {"standard": coverage(plans.standard > 0, growth), "model": coverage(plans.model > 0, growth),
-           "blurred_labels": coverage(model_plan(blurred_label_scores(visible, core, tissue.geometry), brain, voxels),
-                                      growth)}
+           "blurred_labels": coverage(model_plan(scores, brain, voxels, distance), growth)}
     if true_concentration is not None:
-        out["true_parameters"] = coverage(model_plan(true_concentration, brain, voxels), growth)
+        out["true_parameters"] = coverage(model_plan(true_concentration, brain, voxels, distance), growth)
     return out

@@ -155,8 +155,9 @@ def save_result_figure(path, result) -> Path:
     p = result.parameters
     seed = ", ".join(f"{x:.0f}" for x in p.seed_ras_mm)
     volumes = result.plans.volumes_cm3
-    figure.suptitle(f"seed RAS ({seed}) mm, mu_D {p.mu_d_mm:.2f} mm, mu_rho {p.mu_rho:.2f}; fit NCC "
-                    f"{result.fit.get('ncc', float('nan')):.3f}, Dice visible {result.fit.get('dice_visible', 0):.2f};"
+    fit_ncc = f"NCC {result.fit['ncc']:.3f}, " if "ncc" in result.fit else ""
+    figure.suptitle(f"seed RAS ({seed}) mm, mu_D {p.mu_d_mm:.2f} mm, mu_rho {p.mu_rho:.2f}; fit {fit_ncc}"
+                    f"Dice visible {result.fit.get('dice_visible', 0):.2f};"
                     f" plans {volumes['standard_cm3']:.0f} cm^3 each" + ("\n" + "; ".join(result.warnings)
                                                                           if result.warnings else ""), fontsize=9)
     import io

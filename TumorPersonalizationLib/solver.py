@@ -355,6 +355,8 @@ def simulate_tensor(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, cont
         checkpoint_segments = max(1, int(math.sqrt(steps)))
 
     def advance(c_in, faces, start, count):
+        # Also runs again during the backward pass (checkpoint recomputation): a cancel stops a gradient too.
+        check_cancel(cancel)
         for n in range(start, start + count):
             c_in = _logistic_step(c_in, torch.exp(-rho * reaction_steps[n]))
             c_in = _diffusion_step(c_in, faces, mu_d_sq * step_sizes[n], coefficients[stage_counts[n]])
