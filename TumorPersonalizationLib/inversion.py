@@ -58,6 +58,7 @@ class InversionOptions:
     gb_max_iterations: int = 200
     fd_iterations: int = 5  # hybrid-fd: L-BFGS-B iterations with FD gradients
     fd_max_evaluations: int = 8
+    fd_trust_factor: float = 1.5  # hybrid-fd: mu_D and mu_rho stay within this factor of the polish's start
     cma_sigma0: float = 0.25  # initial step, in units of the search box
     cma_surrogate_budget: int = 3000
     cma_solver_budget: int = 1500
@@ -440,13 +441,21 @@ def fd_polish(problem: Problem, start: Candidate) -> Candidate:
     if start.fd_loss is None:
         start = problem.fd_loss(start, "FD polish: start")
     fd = problem.fd()
-    parameters, loss = _lbfgs(problem, problem.space, lambda s, d, r: fd.losses(s, d, r, problem.cancel),
-                              problem.space.project(start.parameters), "hybrid-fd: FD gradients", "fd",
+    # A polish, not a new search: mu_D and mu_rho may move by up to a factor 1.5 from the start (within the solver's
+    # bounds). Unbounded, a line search's first trial can land on mu_D 40 mm, mu_rho 12, a run of thousands of steps
+    # whose gradient takes minutes and gigabytes, to learn what the start already says: not there.
+    factor = problem.options.fd_trust_factor
+    p0 = start.parameters
+    space = problem.space.with_ranges(
+        (max(problem.space.mu_d_range[0], p0.mu_d_mm / factor), min(problem.space.mu_d_range[1], p0.mu_d_mm * factor)),
+        (max(problem.space.mu_rho_range[0], p0.mu_rho / factor), min(problem.space.mu_rho_range[1], p0.mu_rho * factor)))
+    parameters, loss = _lbfgs(problem, space, lambda s, d, r: fd.losses(s, d, r, problem.cancel),
+                              space.project(start.parameters), "hybrid-fd: FD gradients", "fd",
                               problem.options.fd_iterations, problem.options.fd_max_evaluations, 1e-9,
                               problem.progress, relative=True)
     if loss >= start.fd_loss:  # the polish never makes the answer worse than its start
         return replace(start, source=f"hybrid-fd ({start.source}, polish did not improve)")
-    return Candidate(parameters, "hybrid-fd", fd_loss=loss, space=problem.space)
+    return Candidate(parameters, "hybrid-fd", fd_loss=loss, space=problem.space)  # bounds: the solver's, for warnings
 
 
 def _box_centre(space: SearchSpace) -> GrowthParameters:

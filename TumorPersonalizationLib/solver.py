@@ -21,7 +21,8 @@ when the front is resolved; see lattice_front), 5.7 mm the radius of the initial
 as the tumor does, so early steps are cheap; the result equals the full-grid run to < 1e-5.
 
 Gradients with respect to mu_D, mu_rho and the seed flow by autograd (the seed enters through the smooth Gaussian of
-the initial condition); with gradients on, the time loop is checkpointed in segments so memory stays bounded.
+the initial condition); with gradients on, the time loop is checkpointed in segments so memory stays bounded. The
+checkpointing is reentrant (nothing of a segment is kept), so take gradients with .backward(), not autograd.grad.
 """
 import math
 from dataclasses import dataclass
@@ -75,6 +76,14 @@ class SolverStats:
     grid_voxels: int
     explicit_steps_for_stability: int  # forward-Euler steps the same grid would need just to stay stable
     end_time: float = 1.0  # < 1 when a stop condition ended the run early
+
+
+# Memory one checkpointed segment may hold while it is recomputed for the backward pass.
+GRADIENT_SEGMENT_BYTES = 2e9
+
+
+def c0_element_size(dtype) -> int:
+    return torch.tensor([], dtype=dtype).element_size()
 
 
 def lattice_front(mu_d_mm: float, mu_rho: float, spacing_mm: float) -> Tuple[float, float]:
@@ -351,17 +360,24 @@ def simulate_tensor(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, cont
     mask0 = operator.brain_mask[box[0][0]:box[0][1], box[1][0]:box[1][1], box[2][0]:box[2][1]]
     c = initial_condition(operator.ras_grid(box), seeds, mask0)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (mu_d, rho_root, seeds))
+    # With gradients, a checkpointed segment keeps every stage's tensors (~16 boxes per stencil application) while it
+    # is recomputed, so segments are cut by stencil applications, not steps: sqrt(all stencils) per segment balances
+    # that against the stored segment inputs, capped so one recomputation stays within ~2 GB (segments of steps held
+    # 64-stage steps whole: a fast, proliferative run needed > 24 GB and was killed).
+    box_bytes = batch * max(int(np.prod([b - a for a, b in box])) for box in boxes) * c0_element_size(dtype)
+    stencils_per_segment = max(8, min(math.ceil(math.sqrt(sum(stage_counts))),
+                                      int(GRADIENT_SEGMENT_BYTES // (16 * box_bytes))))
     if checkpoint_segments is None:
         checkpoint_segments = max(1, int(math.sqrt(steps)))
 
-    def advance(c_in, faces, start, count):
+    def advance(c_in, mu_d_sq_in, rho_in, faces, start, count):
         # Also runs again during the backward pass (checkpoint recomputation): a cancel stops a gradient too.
         check_cancel(cancel)
         for n in range(start, start + count):
-            c_in = _logistic_step(c_in, torch.exp(-rho * reaction_steps[n]))
-            c_in = _diffusion_step(c_in, faces, mu_d_sq * step_sizes[n], coefficients[stage_counts[n]])
+            c_in = _logistic_step(c_in, torch.exp(-rho_in * reaction_steps[n]))
+            c_in = _diffusion_step(c_in, faces, mu_d_sq_in * step_sizes[n], coefficients[stage_counts[n]])
         if start + count == steps:
-            c_in = _logistic_step(c_in, torch.exp(-rho * (0.5 * step_sizes[-1])))
+            c_in = _logistic_step(c_in, torch.exp(-rho_in * (0.5 * step_sizes[-1])))
         # RKL2 is not positivity preserving for the stiffest modes; undershoots are O(1e-7) and are cut here.
         return c_in.clamp(0.0, 1.0)
 
@@ -377,9 +393,16 @@ def simulate_tensor(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, cont
             check_cancel(cancel)
             count = min(segment, end - done)
             if needs_grad:
-                c = checkpoint(advance, c, faces, done, count, use_reentrant=False)
+                count, stencils = 1, stage_counts[done]
+                while done + count < end and stencils + stage_counts[done + count] <= stencils_per_segment:
+                    stencils += stage_counts[done + count]
+                    count += 1
+                # Reentrant checkpointing: the forward runs without building a graph, so nothing of a segment
+                # stays in memory (the non-reentrant variant kept ~5 boxes per step here: 3.5 GB for a 315-step run
+                # at 2 mm). mu_D^2 and rho are explicit inputs so that their gradients flow.
+                c = checkpoint(advance, c, mu_d_sq, rho, faces, done, count, use_reentrant=True)
             else:
-                c = advance(c, faces, done, count)
+                c = advance(c, mu_d_sq, rho, faces, done, count)
             done += count
             report(progress, done / steps, f"FD step {done}/{steps}")
             if stop is not None and done < steps:

@@ -1,0 +1,85 @@
+"""Clinical target plans: the 15 mm margin is measured in mm on any grid, the model plan has the standard plan's
+volume, ties go to the voxels nearest the tumor, the brain's holes count as brain."""
+import numpy as np
+
+from conftest import make_tissue
+from TumorPersonalizationLib.geometry import Geometry
+from TumorPersonalizationLib.plans import (blurred_label_scores, coverage, make_plans, model_plan,
+                                           planning_brain_mask, standard_plan)
+
+
+def anisotropic_brain():
+    """Brain everywhere on a rotated grid with 1 x 2 x 3 mm voxels (i, j, k)."""
+    angle = np.deg2rad(25.0)
+    direction = np.array([[np.cos(angle), 0.0, np.sin(angle)], [0.0, 1.0, 0.0], [-np.sin(angle), 0.0, np.cos(angle)]])
+    shape_kji = (24, 36, 70)
+    return make_tissue(np.ones(shape_kji), spacing=(1.0, 2.0, 3.0), direction=direction)
+
+
+def test_standard_plan_is_the_15_mm_margin_measured_in_mm_on_an_anisotropic_grid():
+    tissue = anisotropic_brain()
+    core = np.zeros(tissue.geometry.shape_kji, bool)
+    core[12, 18, 30:34] = True
+    plan = standard_plan(core, tissue.brain_mask, tissue.geometry, 15.0)
+    # Brute force in RAS mm: every voxel centre within 15 mm of a core voxel centre.
+    ras = tissue.geometry.ras_grid().reshape(-1, 3)
+    core_ras = ras[core.ravel()]
+    nearest = np.min(np.linalg.norm(ras[:, None, :] - core_ras[None, :, :], axis=-1), axis=1)
+    expected = (nearest <= 15.0 + 1e-6).reshape(core.shape)
+    assert plan.sum() > 1000
+    assert np.array_equal(plan, expected)
+    # In voxels the margin is 15 along i, 7.5 along j and 5 along k: an index-space dilation would be wrong.
+    assert plan[12, 18, 30 - 15] and not plan[12, 18, 30 - 16]
+    assert plan[12, 18 + 7, 31] and not plan[12, 18 + 8, 31]
+    assert plan[12 + 5, 18, 31] and not plan[12 + 6, 18, 31]
+
+
+def test_model_plan_has_the_standard_volume_and_takes_the_highest_concentration():
+    tissue = anisotropic_brain()
+    rng = np.random.default_rng(0)
+    concentration = rng.uniform(0, 1, tissue.geometry.shape_kji).astype(np.float32)
+    core = np.zeros(tissue.geometry.shape_kji, bool)
+    core[10:14, 15:20, 25:35] = True
+    plans = make_plans(tissue, concentration, core, iso_level=0.9)
+    assert plans.standard.sum() == plans.model.sum() > 0
+    assert plans.volumes_cm3["standard_cm3"] == plans.volumes_cm3["model_cm3"]
+    threshold = np.sort(concentration.ravel())[-int(plans.model.sum())]
+    assert concentration[plans.model > 0].min() >= threshold
+    assert np.array_equal(plans.iso > 0, concentration >= 0.9)
+
+
+def test_ties_go_to_the_voxels_nearest_the_tumor():
+    """A map that is zero beyond the tumor (a narrow front, a float16 map): the rest of the plan's volume is taken
+    next to the tumor, not from the first slices of the image."""
+    tissue = make_tissue(np.ones((30, 30, 30)), spacing=(2.0, 2.0, 2.0))
+    tumor = np.zeros(tissue.geometry.shape_kji, bool)
+    tumor[20:24, 20:24, 20:24] = True
+    concentration = tumor.astype(np.float32)
+    from TumorPersonalizationLib.plans import distance_mm
+
+    distance = distance_mm(tumor, tissue.geometry)
+    plan = model_plan(concentration, tissue.brain_mask, 500, distance)
+    assert plan.sum() == 500 and plan[tumor].all()
+    assert distance[plan].max() <= 6.0 + 1e-6  # a shell around the tumor, nothing far away
+    assert not plan[:10].any()
+
+
+def test_planning_brain_fills_enclosed_holes_and_blurred_scores_reach_past_12_mm():
+    wm = np.ones((20, 20, 20), np.float32)
+    wm[8:12, 8:12, 8:12] = 0.0  # a ventricle: CSF enclosed by brain
+    tissue = make_tissue(wm, csf=1.0 - wm)
+    assert planning_brain_mask(tissue.wm, tissue.gm)[10, 10, 10]
+    visible = np.zeros((40, 1, 1), np.float32)
+    visible[:2] = 1.0
+    geometry = Geometry((40, 1, 1), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    scores = blurred_label_scores(visible, visible * 0, geometry)[:, 0, 0]
+    assert scores[1 + 14] > 0  # 14 mm from the labels: still ranked, not a tie at zero
+
+
+def test_coverage_is_the_share_of_growth_inside_the_plan():
+    growth = np.zeros((4, 4, 4), bool)
+    growth[0, 0, :] = True
+    plan = np.zeros_like(growth)
+    plan[0, 0, :3] = True
+    assert coverage(plan, growth) == 0.75
+    assert np.isnan(coverage(plan, np.zeros_like(growth)))
