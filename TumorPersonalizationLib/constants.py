@@ -32,7 +32,7 @@ VISIBLE_THRESHOLDS = (EDEMA_THRESHOLD, CORE_THRESHOLD)
 # Names of the inversion methods (inversion.py) and the default: the best the benchmark (benchmarks/inversion.py)
 # shows within the time target; the README says why.
 METHODS = ("hybrid-fd", "hybrid", "gb-surrogate", "direct", "cma-surrogate", "cma-solver")
-DEFAULT_METHOD = "hybrid"
+DEFAULT_METHOD = "hybrid-fd"
 # Voxel size (mm) of the grid the search's FD runs use; the final run is always on the tissue's own grid.
 DEFAULT_WORKING_SPACING_MM = 2.0
 

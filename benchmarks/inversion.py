@@ -315,11 +315,12 @@ def plot(groups, path):
     axes[0].axhline(0.95, color="k", linestyle="--", linewidth=0.8)
     axes[0].axhline(0.85, color="k", linestyle=":", linewidth=0.8)
     axes[0].set_ylabel("NCC of the final FD run vs hidden truth (per case)")
-    axes[0].set_title("per-case NCC (bar: mean; dashed 0.95 mean target, dotted 0.85 worst-5 % target)")
+    axes[0].set_title("per-case NCC (bar: mean; targets: mean 0.95 dashed, worst 5 % 0.85 dotted)", fontsize=9)
     axes[1].set_yscale("log")
     axes[1].set_ylabel("wall time per case (s)")
     axes[1].set_title("wall time, 2-core CPU")
-    key = next((k for k in names if k[1] == "segmentation"), None)
+    key = (DEFAULT_METHOD, "segmentation") if (DEFAULT_METHOD, "segmentation") in groups else \
+        next((k for k in names if k[1] == "segmentation"), None)
     if key is not None:
         rows = groups[key]
         values = [[r[f"coverage_{n}"] for r in rows if not math.isnan(r[f"coverage_{n}"])]
