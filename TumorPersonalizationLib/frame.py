@@ -105,28 +105,24 @@ class SurrogateFrame:
     # ---- parameters ------------------------------------------------------------------------------------------
     def normalise(self, seed_ras_mm, mu_d_mm, mu_rho):
         """Seeds in RAS mm (..., 3), mu_D (...), mu_rho (...) -> the network's (..., 5) (numpy or torch)."""
-        center = self.center_ras_mm
-        try:
-            import torch
-
-            if torch.is_tensor(seed_ras_mm):
-                center = torch.as_tensor(center, dtype=seed_ras_mm.dtype, device=seed_ras_mm.device)
-        except ImportError:  # pragma: no cover
-            pass
-        return self.scaling.normalise(seed_ras_mm - center, mu_d_mm, mu_rho)
+        return self.scaling.normalise(seed_ras_mm - self._center_like(seed_ras_mm), mu_d_mm, mu_rho)
 
     def denormalise(self, normalised):
         """The network's (..., 5) -> (seed RAS mm (..., 3), mu_D mm (...), mu_rho (...))."""
         offset, mu_d, mu_rho = self.scaling.denormalise(normalised)
+        return offset + self._center_like(offset), mu_d, mu_rho
+
+    def _center_like(self, values):
+        """The frame's centre as the same kind of array as `values` (a torch tensor's dtype and device)."""
         center = self.center_ras_mm
         try:
             import torch
 
-            if torch.is_tensor(offset):
-                center = torch.as_tensor(center, dtype=offset.dtype, device=offset.device)
+            if torch.is_tensor(values):
+                return torch.as_tensor(center, dtype=values.dtype, device=values.device)
         except ImportError:  # pragma: no cover
             pass
-        return offset + center, mu_d, mu_rho
+        return center
 
 
 def _block_average_possible(source: Geometry, spacing_mm: float, cube_mm: float) -> bool:

@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .constants import BRAIN_FRACTION_THRESHOLD, METHODS, STANDARD_MARGIN_MM
+from .constants import METHODS, STANDARD_MARGIN_MM
 from .errors import InputError
 from .frame import SurrogateFrame
 from .geometry import Geometry
@@ -39,6 +39,7 @@ from .observation import GriddedObservation
 from .parameters import MU_D_MM_BOUNDS, MU_RHO_BOUNDS, GrowthParameters
 from .progress import ProgressCallback, check_cancel, report, sub_progress
 from .solver import StepControl, TissueOperator, simulate_tensor
+from .surrogate import brain_mask_from_tissue
 from .tissue import Tissue
 
 # Smallest mu_D (mm) and mu_rho searched: below them a tumor hardly grows in its lifetime and the data carry no
@@ -94,6 +95,9 @@ class SearchSpace:
     seed_high_ras_mm: np.ndarray
     mu_d_range: Tuple[float, float]
     mu_rho_range: Tuple[float, float]
+    # Lazily computed arrays that depend only on `allowed` (the nearest allowed voxel of every voxel), shared by
+    # reference with the copies with_ranges makes: the full-grid distance transform is done at most once.
+    cache: Dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def around_tumor(cls, tissue: Tissue, visible: np.ndarray, margin_mm: float,
@@ -108,10 +112,7 @@ class SearchSpace:
                    tuple(mu_rho_range))
 
     def with_ranges(self, mu_d_range, mu_rho_range) -> "SearchSpace":
-        narrowed = replace(self, mu_d_range=tuple(mu_d_range), mu_rho_range=tuple(mu_rho_range))
-        if hasattr(self, "_nearest"):  # the seed projection's distance transform does not depend on the mu ranges
-            object.__setattr__(narrowed, "_nearest", self._nearest)
-        return narrowed
+        return replace(self, mu_d_range=tuple(mu_d_range), mu_rho_range=tuple(mu_rho_range))
 
     @property
     def _low(self) -> np.ndarray:
@@ -150,12 +151,11 @@ class SearchSpace:
         index = np.round(self.geometry.ras_to_index_kji(seed)).astype(int)
         inside = np.all(index >= 0) and np.all(index < np.asarray(self.geometry.shape_kji))
         if not (inside and self.allowed[tuple(index)]):
-            if not hasattr(self, "_nearest"):
-                _, nearest = distance_transform_edt(~self.allowed, sampling=self.geometry.spacing_kji_mm,
-                                                    return_indices=True)
-                object.__setattr__(self, "_nearest", nearest)
+            if "nearest" not in self.cache:
+                _, self.cache["nearest"] = distance_transform_edt(~self.allowed, sampling=self.geometry.spacing_kji_mm,
+                                                                  return_indices=True)
             clipped = tuple(np.clip(index, 0, np.asarray(self.geometry.shape_kji) - 1))
-            target = np.array([self._nearest[axis][clipped] for axis in range(3)], np.float64)
+            target = np.array([self.cache["nearest"][axis][clipped] for axis in range(3)], np.float64)
             seed = self.geometry.index_kji_to_ras(target)
         return GrowthParameters(tuple(seed), float(np.clip(parameters.mu_d_mm, *self.mu_d_range)),
                                 float(np.clip(parameters.mu_rho, *self.mu_rho_range)))
@@ -215,7 +215,7 @@ class SurrogateModel:
         self.device = torch.device(device)
         channels = frame.tissue_channels(tissue)
         self.tissue = torch.as_tensor(channels[None], dtype=torch.float32, device=self.device)
-        self.brain = ((self.tissue[0, 0] + self.tissue[0, 1]) >= BRAIN_FRACTION_THRESHOLD).to(torch.float32)
+        self.brain = brain_mask_from_tissue(self.tissue)[0]
         self.observation = observation.in_frame(frame)
         self.terms = self.observation.loss_terms(self.device)
         for parameter in self.model.parameters():
@@ -284,7 +284,6 @@ class Problem:
         from .parameters import ParameterScaling
 
         scaling = ParameterScaling.from_dict((card or self.surrogate().card)["scaling"])
-        self.space.project(GrowthParameters(tuple(self.space.seed_low_ras_mm), 1.0, 1.0))  # caches the projection
         return self.space.with_ranges(
             (max(scaling.mu_d_mm_range[0], MIN_MU_D_MM), min(scaling.mu_d_mm_range[1], self.space.mu_d_range[1])),
             (max(scaling.mu_rho_range[0], MIN_MU_RHO), min(scaling.mu_rho_range[1], self.space.mu_rho_range[1])))

@@ -24,7 +24,7 @@ from .constants import DEFAULT_METHOD, DEFAULT_WORKING_SPACING_MM, METHODS, STAN
 from .errors import InputError
 from .geometry import Volume
 from .inversion import InversionOptions, Problem, SearchSpace, run_method
-from .metrics import compare
+from .metrics import compare, dice
 from .observation import GriddedObservation, Observation
 from .parameters import GrowthParameters
 from .plans import TargetPlans, make_plans
@@ -168,8 +168,6 @@ def _final_loss(observation: GriddedObservation, concentration: Volume, tissue: 
                                    thresholds=())["ncc"], 4)
     for name, threshold, mask in (("dice_visible", observation.imaging.edema_threshold, observation.visible),
                                   ("dice_core", observation.imaging.core_threshold, observation.core)):
-        from .metrics import dice
-
         fit[name] = round(dice(concentration.array >= threshold, mask > 0.5), 4)
     return loss, fit
 

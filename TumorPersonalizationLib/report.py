@@ -29,6 +29,44 @@ def slice_center(concentration: np.ndarray, seed_kji: Optional[Sequence[float]] 
     return tuple(n // 2 for n in concentration.shape)
 
 
+# Axis labels of the three slices: index axes, with their RAS meaning where the image is RAS-aligned (the atlas).
+INDEX_AXES = {"axial": ("+i", "+j"), "coronal": ("+i", "+k"), "sagittal": ("+j", "+k")}
+RAS_ALIGNED_AXES = {"axial": ("+i (R)", "+j (A)"), "coronal": ("+i (R)", "+k (S)"), "sagittal": ("+j (A)", "+k (S)")}
+
+
+def _draw_infiltration(axis, name: str, tissue_slice, c_slice, axis_labels, max_alpha: float, line_width: float):
+    """One slice: the tissue in grey, the concentration in Inferno whose opacity grows with c (so the faint
+    infiltration tail shows without hiding the anatomy), its iso-lines at the imaging thresholds, title and labels."""
+    import matplotlib.pyplot as plt
+
+    axis.imshow(tissue_slice, cmap="gray", origin="lower", vmin=0, vmax=1, interpolation="nearest")
+    colours = plt.get_cmap("inferno")(np.clip(c_slice, 0, 1))
+    colours[..., 3] = np.clip(0.15 + 0.85 * np.sqrt(np.clip(c_slice, 0, 1)), 0, max_alpha) * (c_slice >= 1e-3)
+    axis.imshow(colours, origin="lower", interpolation="nearest")
+    if c_slice.max() >= EDEMA_THRESHOLD:
+        axis.contour(c_slice, levels=list(VISIBLE_THRESHOLDS), colors=["#55ccff", "#33ff66"], linewidths=line_width)
+    axis.set_title(name)
+    right, up = axis_labels[name]
+    axis.set_xlabel(right, fontsize=8)
+    axis.set_ylabel(up, fontsize=8)
+    axis.set_xticks([])
+    axis.set_yticks([])
+
+
+def _write_png(figure, path, dpi: int) -> Path:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from .imageio import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
 def save_concentration_figure(path, tissue: Tissue, concentration: Volume, title: str = "",
                               seed_ras_mm: Optional[Sequence[float]] = None,
                               loss_history: Optional[Sequence[float]] = None,
@@ -38,38 +76,20 @@ def save_concentration_figure(path, tissue: Tissue, concentration: Volume, title
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .imageio import atomic_write_bytes
-
     c = concentration.array
     seed_kji = None if seed_ras_mm is None else tissue.geometry.ras_to_index_kji(seed_ras_mm)
     center = slice_center(c, seed_kji)
     background = tissue_background(tissue)
     panels = 3 + (1 if loss_history else 0)
     figure, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 4.6))
-    image = None
     for axis, (name, tissue_slice), (_, c_slice) in zip(axes, _slices(background, center), _slices(c, center)):
-        axis.imshow(tissue_slice, cmap="gray", origin="lower", vmin=0, vmax=1, interpolation="nearest")
-        # Opacity grows with concentration, so the faint infiltration tail shows without hiding the anatomy.
-        colours = plt.get_cmap("inferno")(np.clip(c_slice, 0, 1))
-        colours[..., 3] = np.clip(0.15 + 0.85 * np.sqrt(np.clip(c_slice, 0, 1)), 0, 0.9) * (c_slice >= 1e-3)
-        axis.imshow(colours, origin="lower", interpolation="nearest")
-        image = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap="inferno")
-        if c_slice.max() >= EDEMA_THRESHOLD:
-            axis.contour(c_slice, levels=list(VISIBLE_THRESHOLDS), colors=["#55ccff", "#33ff66"], linewidths=0.9)
+        _draw_infiltration(axis, name, tissue_slice, c_slice, RAS_ALIGNED_AXES, max_alpha=0.9, line_width=0.9)
         if observed is not None:
             (_, o_slice), = [s for s in _slices(observed, center) if s[0] == name]
             if o_slice.max() >= EDEMA_THRESHOLD:
                 axis.contour(o_slice, levels=[EDEMA_THRESHOLD], colors=["white"], linewidths=0.8, linestyles="dashed")
-        axis.set_title(name)
-        # Labels of the +i / +j axes; for an atlas or any RAS-aligned image they are R, A and A (neurological view).
-        right, up = {"axial": ("+i (R)", "+j (A)"), "coronal": ("+i (R)", "+k (S)"),
-                     "sagittal": ("+j (A)", "+k (S)")}[name]
-        axis.set_xlabel(right, fontsize=8)
-        axis.set_ylabel(up, fontsize=8)
-        axis.set_xticks([])
-        axis.set_yticks([])
-    if image is not None:
-        figure.colorbar(image, ax=list(axes[:3]), fraction=0.02, pad=0.01, label="tumor-cell concentration")
+    image = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap="inferno")
+    figure.colorbar(image, ax=list(axes[:3]), fraction=0.02, pad=0.01, label="tumor-cell concentration")
     if loss_history:
         axes[3].semilogy(np.arange(1, len(loss_history) + 1), loss_history, color="tab:blue")
         axes[3].set_xlabel("iteration")
@@ -78,13 +98,7 @@ def save_concentration_figure(path, tissue: Tissue, concentration: Volume, title
     figure.suptitle(title + f"\ncontours: c = {EDEMA_THRESHOLD:g} (edema-visible, blue), c = {CORE_THRESHOLD:g} "
                             "(core-visible, green)",
                     fontsize=10)
-    import io
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
-    return Path(path)
+    return _write_png(figure, path, dpi=110)
 
 
 def save_result_figure(path, result) -> Path:
@@ -96,8 +110,6 @@ def save_result_figure(path, result) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
-
-    from .imageio import atomic_write_bytes
 
     tissue, c = result.tissue, result.concentration.array
     observation = result.observation
@@ -114,12 +126,8 @@ def save_result_figure(path, result) -> Path:
     seed_position = {"axial": (seed_kji[2], seed_kji[1]), "coronal": (seed_kji[2], seed_kji[0]),
                      "sagittal": (seed_kji[1], seed_kji[0])}
     for axis, (name, tissue_slice), (_, c_slice) in zip(axes, _slices(background, center), _slices(c, center)):
-        axis.imshow(tissue_slice, cmap="gray", origin="lower", vmin=0, vmax=1, interpolation="nearest")
-        colours = plt.get_cmap("inferno")(np.clip(c_slice, 0, 1))
-        colours[..., 3] = np.clip(0.15 + 0.85 * np.sqrt(np.clip(c_slice, 0, 1)), 0, 0.85) * (c_slice >= 1e-3)
-        axis.imshow(colours, origin="lower", interpolation="nearest")
-        if c_slice.max() >= EDEMA_THRESHOLD:
-            axis.contour(c_slice, levels=list(VISIBLE_THRESHOLDS), colors=["#55ccff", "#33ff66"], linewidths=0.8)
+        # Index-axis labels only: a patient's grid may be oblique.
+        _draw_infiltration(axis, name, tissue_slice, c_slice, INDEX_AXES, max_alpha=0.85, line_width=0.8)
         for mask, colour, style, levels in overlays:
             if mask is None:
                 continue
@@ -127,12 +135,6 @@ def save_result_figure(path, result) -> Path:
             if m_slice.max() > 0.5:
                 axis.contour(m_slice, levels=levels, colors=[colour], linewidths=1.0, linestyles=style)
         axis.plot(*seed_position[name], marker="+", color="cyan", markersize=9)
-        axis.set_title(name)
-        right, up = {"axial": ("+i", "+j"), "coronal": ("+i", "+k"), "sagittal": ("+j", "+k")}[name]
-        axis.set_xlabel(right, fontsize=8)
-        axis.set_ylabel(up, fontsize=8)
-        axis.set_xticks([])
-        axis.set_yticks([])
     axes[0].legend(handles=[Line2D([], [], color="white", linestyle="dashed", label="observed tumor"),
                             Line2D([], [], color="#55ccff", label=f"model c = {EDEMA_THRESHOLD:g}"),
                             Line2D([], [], color="#33ff66", label=f"model c = {CORE_THRESHOLD:g}"),
@@ -160,10 +162,4 @@ def save_result_figure(path, result) -> Path:
                     f"Dice visible {result.fit.get('dice_visible', 0):.2f};"
                     f" plans {volumes['standard_cm3']:.0f} cm^3 each" + ("\n" + "; ".join(result.warnings)
                                                                           if result.warnings else ""), fontsize=9)
-    import io
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
-    return Path(path)
+    return _write_png(figure, path, dpi=100)

@@ -5,14 +5,13 @@ same ``Tissue``: three float32 fraction arrays in (k, j, i) order plus a ``Geome
 """
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Sequence, Tuple, Union
 
 import numpy as np
 
-from .constants import BRAIN_FRACTION_THRESHOLD, GREY_TO_WHITE_DIFFUSIVITY  # noqa: F401 (re-exported)
+from .constants import BRAIN_FRACTION_THRESHOLD
 from .errors import InputError
-from .geometry import (Geometry, Volume, crop_with_padding, cube_box_kji, resample_fraction,  # noqa: F401
-                       resample_linear)
+from .geometry import Geometry, Volume, crop_with_padding, cube_box_kji, resample_fraction
 from .imageio import read_image
 
 

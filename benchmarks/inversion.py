@@ -46,7 +46,7 @@ from TumorPersonalizationLib.metrics import compare, tumor_volume_cm3  # noqa: E
 from TumorPersonalizationLib.observation import Observation  # noqa: E402
 from TumorPersonalizationLib.parameters import GrowthParameters  # noqa: E402
 from TumorPersonalizationLib.pipeline import personalize  # noqa: E402
-from TumorPersonalizationLib.plans import later_growth_coverage, planning_brain_mask  # noqa: E402
+from TumorPersonalizationLib.plans import later_growth_coverage  # noqa: E402
 
 FAST_METHODS = ("direct", "gb-surrogate", "hybrid", "hybrid-fd")
 CLEAN_LOAD = 2.5
@@ -59,8 +59,6 @@ LATER_AGE_FACTOR = 1.5
 # ---- cases -------------------------------------------------------------------------------------------------------
 class Cases:
     def __init__(self, seed: int):
-        import torch  # noqa: F401
-
         from TumorPersonalizationLib.solver import TissueOperator
 
         self.seed = seed
