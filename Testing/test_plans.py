@@ -83,3 +83,29 @@ def test_coverage_is_the_share_of_growth_inside_the_plan():
     plan[0, 0, :3] = True
     assert coverage(plan, growth) == 0.75
     assert np.isnan(coverage(plan, np.zeros_like(growth)))
+
+
+def test_boxed_distance_and_partitioned_plan_equal_the_whole_grid_versions():
+    """The speed-ups (distance transform in the tumor's box, plan edge by partition, tie distances only where tied)
+    give what the plain versions give: the same distances up to the margin, the same plan."""
+    from TumorPersonalizationLib.plans import distance_mm
+
+    tissue = anisotropic_brain()
+    geometry = tissue.geometry
+    tumor = np.zeros(geometry.shape_kji, bool)
+    tumor[10:13, 15:19, 28:36] = True
+    full = distance_mm(tumor, geometry)
+    boxed = distance_mm(tumor, geometry, max_mm=15.0)
+    near = full <= 15.0
+    assert np.isinf(boxed).any() and np.all(boxed[~np.isinf(boxed)] >= 0)
+    np.testing.assert_allclose(boxed[near], full[near])
+    assert np.all(boxed[~near] > 15.0)
+    # A map that is zero over most of the brain: a plan larger than its support is filled by distance.
+    concentration = np.where(full <= 4.0, np.exp(-full / 3.0), 0.0).astype(np.float32)
+    voxels = int((full <= 9.0).sum())
+    reference = np.zeros(concentration.size, bool)
+    reference[np.lexsort((full.ravel(), -concentration.astype(np.float64).ravel()))[:voxels]] = True
+    lazy = model_plan(concentration, tissue.brain_mask, voxels, lambda tied: distance_mm(tumor, geometry, where=tied))
+    assert lazy.sum() == voxels
+    np.testing.assert_array_equal(lazy.ravel(), reference)
+    np.testing.assert_array_equal(model_plan(concentration, tissue.brain_mask, voxels, full), lazy)

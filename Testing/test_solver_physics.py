@@ -115,6 +115,19 @@ def test_refined_time_step_changes_result_by_less_than_1e3(atlas_2mm, mu_d, mu_r
     assert float((default - refined).abs().max()) < 1e-3
 
 
+@pytest.mark.parametrize("mu_d, mu_rho", [(8.0, 3.0), (20.0, 6.0), (3.0, 1.5)])
+def test_working_grid_steps_stay_within_1e3_of_a_converged_run(atlas_2mm, mu_d, mu_rho):
+    """The inversion's FD work on the 2 mm grid takes longer steps than the default; it keeps the solver's accuracy."""
+    from TumorPersonalizationLib.inversion import InversionOptions
+
+    operator = TissueOperator(atlas_2mm)
+    seed = (28.0, -12.0, 24.0)
+    with torch.no_grad():
+        working = simulate_tensor(operator, [mu_d], [mu_rho], [seed], control=InversionOptions().working_step_control())
+        converged = simulate_tensor(operator, [mu_d], [mu_rho], [seed], control=StepControl(refinement=4))
+    assert float((working - converged).abs().max()) < 1e-3
+
+
 @pytest.mark.parametrize("mu_d, mu_rho", [(4.0, 3.0), (6.0, 0.0), (4.0, 1.0), (1.5, 5.0)])
 def test_active_region_matches_full_grid(atlas_2mm, mu_d, mu_rho):
     # (6, 0): no growth, only the spreading bump; (1.5, 5): a front narrower than a voxel, which runs ahead on the grid.

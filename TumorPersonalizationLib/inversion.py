@@ -60,11 +60,23 @@ class InversionOptions:
     fd_iterations: int = 5  # hybrid-fd: L-BFGS-B iterations with FD gradients
     fd_max_evaluations: int = 8
     fd_trust_factor: float = 1.5  # hybrid-fd: mu_D and mu_rho stay within this factor of the polish's start
+    # FD runs on the working grid (judge, polish, cma-solver) take longer time steps than the solver's defaults (0.5
+    # voxel, 0.4): the front may move 1 voxel per step and the reaction step is 0.5 / mu_rho^3. That stays within
+    # 1e-3 (max abs) of a converged run on the 2 mm atlas up to mu_D 20 mm, mu_rho 6 (test_solver_physics), the
+    # accuracy the defaults promise, and halves the steps of slow, front-limited tumors. The final run on the
+    # tissue's grid keeps the defaults.
+    fd_front_step_voxels: float = 1.0
+    fd_reaction_accuracy: float = 0.5
     cma_sigma0: float = 0.25  # initial step, in units of the search box
     cma_surrogate_budget: int = 3000
     cma_solver_budget: int = 1500
     cma_tolfun: float = 1e-6
     random_seed: int = 1
+
+    def working_step_control(self) -> StepControl:
+        """The time-step control of FD runs on the working grid (see fd_front_step_voxels)."""
+        return StepControl(max_front_step_voxels=self.fd_front_step_voxels,
+                           reaction_accuracy=self.fd_reaction_accuracy)
 
     def to_dict(self) -> Dict:
         return dict(self.__dict__)
@@ -104,7 +116,8 @@ class SearchSpace:
                      mu_d_range=(MIN_MU_D_MM, MU_D_MM_BOUNDS[1]), mu_rho_range=(MIN_MU_RHO, MU_RHO_BOUNDS[1])):
         from .plans import distance_mm
 
-        allowed = (distance_mm(np.asarray(visible) > 0.5, tissue.geometry) <= margin_mm) & tissue.brain_mask
+        allowed = (distance_mm(np.asarray(visible) > 0.5, tissue.geometry, max_mm=margin_mm) <= margin_mm) \
+            & tissue.brain_mask
         if not np.any(allowed):
             raise InputError("no grey or white matter near the tumor: the tumor lies outside the brain")
         points = tissue.geometry.index_kji_to_ras(np.argwhere(allowed).astype(np.float64))
@@ -254,7 +267,8 @@ class Problem:
     # ---- models, on first use --------------------------------------------------------------------------------
     def fd(self) -> FDModel:
         if self._fd is None:
-            self._fd = FDModel(self.work_tissue, self.work_observation, self.device)
+            self._fd = FDModel(self.work_tissue, self.work_observation, self.device,
+                               self.options.working_step_control())
         return self._fd
 
     def _frame(self, card) -> SurrogateFrame:

@@ -9,7 +9,7 @@
 A plan is judged by the share of later tumor growth it covers (``coverage``).
 """
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Union
 
 import numpy as np
 
@@ -27,37 +27,92 @@ def planning_brain_mask(wm: np.ndarray, gm: np.ndarray) -> np.ndarray:
     return binary_fill_holes((np.asarray(wm) + np.asarray(gm)) >= BRAIN_FRACTION_THRESHOLD)
 
 
-def distance_mm(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Euclidean distance (mm) from every voxel to the nearest voxel of the mask (0 inside it)."""
+def distance_mm(mask: np.ndarray, geometry: Geometry, max_mm: Optional[float] = None,
+                where: Optional[np.ndarray] = None) -> np.ndarray:
+    """Euclidean distance (mm) from every voxel to the nearest voxel of the mask (0 inside it), with the voxel spacing
+    (anisotropic grids included).
+
+    max_mm: only distances up to max_mm are needed; the transform then runs in the mask's bounding box grown by
+    max_mm (exact there, since every mask voxel is inside it) and voxels outside the box get +inf. On a 1 mm brain
+    and a small tumor this is ~20x less work than the whole grid. where: a bool mask of the voxels whose distance is
+    needed; the box is grown to hold them too (the others may be +inf). Raises InputError for an empty mask.
+    """
     from scipy.ndimage import distance_transform_edt
 
+    mask = np.asarray(mask, bool)
     if not np.any(mask):
         raise InputError("cannot measure a margin around an empty region")
-    return distance_transform_edt(~np.asarray(mask, bool), sampling=geometry.spacing_kji_mm)
+    if max_mm is None and where is None:
+        return distance_transform_edt(~mask, sampling=geometry.spacing_kji_mm)
+    low, high = _bounds(mask)
+    if max_mm is not None:
+        # one voxel more than the margin: a voxel at exactly max_mm must be inside the box
+        grow = np.ceil(float(max_mm) / np.asarray(geometry.spacing_kji_mm)).astype(int) + 1
+        low, high = low - grow, high + grow
+    if where is not None and np.any(where):
+        where_low, where_high = _bounds(np.asarray(where, bool))
+        low, high = np.minimum(low, where_low), np.maximum(high, where_high)
+    low, high = np.maximum(low, 0), np.minimum(high, mask.shape)
+    box = tuple(slice(a, b) for a, b in zip(low, high))
+    out = np.full(mask.shape, np.inf)
+    out[box] = distance_transform_edt(~mask[box], sampling=geometry.spacing_kji_mm)
+    return out
+
+
+def _bounds(mask: np.ndarray):
+    """(low, high) index bounds (high exclusive) of a non-empty mask's voxels."""
+    low, high = [], []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        low.append(hit[0])
+        high.append(hit[-1] + 1)
+    return np.array(low), np.array(high)
 
 
 def standard_plan(core: np.ndarray, brain: np.ndarray, geometry: Geometry,
                   margin_mm: float = STANDARD_MARGIN_MM) -> np.ndarray:
     """The core grown by margin_mm (in mm) and clipped to the brain, as a bool mask."""
-    return (distance_mm(core, geometry) <= margin_mm + 1e-6) & np.asarray(brain, bool)
+    return (distance_mm(core, geometry, max_mm=margin_mm) <= margin_mm + 1e-6) & np.asarray(brain, bool)
 
 
 def model_plan(concentration: np.ndarray, brain: np.ndarray, voxels: int,
-               distance_to_tumor_mm: Optional[np.ndarray] = None) -> np.ndarray:
-    """The `voxels` brain voxels of highest concentration, so the volume is exact. Ties (a map that is 0, or rounded,
-    over part of the brain) go to the voxels nearest the tumor when distance_to_tumor_mm is given, else by voxel
-    order: without it, a plan larger than the map's support would be filled from the first slices of the image."""
+               distance_to_tumor_mm: Union[None, np.ndarray, Callable[[np.ndarray], np.ndarray]] = None) -> np.ndarray:
+    """The `voxels` brain voxels of highest concentration, so the volume is exact.
+
+    Ties at the plan's edge (a map that is 0, or rounded, over part of the brain) go to the voxels nearest the tumor
+    when distance_to_tumor_mm is given, else by voxel order: without it, a plan larger than the map's support would
+    be filled from the first slices of the image. distance_to_tumor_mm: the distances (mm, an array on the grid), or
+    a function that takes a bool mask of the tied voxels and returns an array holding at least their distances (so
+    the distance transform runs only when there are ties, and only as far as they reach).
+    """
     brain = np.asarray(brain, bool)
-    values = np.where(brain, np.asarray(concentration, np.float64), -np.inf).ravel()
-    voxels = int(min(max(voxels, 0), int(brain.sum())))
-    plan = np.zeros(values.size, bool)
-    if voxels > 0:
-        if distance_to_tumor_mm is None:
-            order = np.argsort(-values, kind="stable")
+    shape = np.shape(concentration)
+    candidates = np.flatnonzero(brain)
+    values = np.asarray(concentration, np.float64).ravel()[candidates]
+    voxels = int(min(max(voxels, 0), candidates.size))
+    plan = np.zeros(int(np.prod(shape)), bool)
+    if voxels == 0:
+        return plan.reshape(shape)
+    # The voxels-th largest value, by partition (linear time; a full sort of a 1 mm brain takes ~0.7 s).
+    edge = np.partition(values, candidates.size - voxels)[candidates.size - voxels]
+    above = candidates[values > edge]
+    tied = candidates[values == edge]
+    plan[above] = True
+    needed = voxels - above.size
+    if needed == tied.size:
+        plan[tied] = True
+    elif distance_to_tumor_mm is None:
+        plan[tied[:needed]] = True
+    else:
+        if callable(distance_to_tumor_mm):
+            tied_mask = np.zeros(plan.size, bool)
+            tied_mask[tied] = True
+            distance = distance_to_tumor_mm(tied_mask.reshape(shape))
         else:
-            order = np.lexsort((np.asarray(distance_to_tumor_mm, np.float64).ravel(), -values))
-        plan[order[:voxels]] = True
-    return plan.reshape(np.shape(concentration))
+            distance = distance_to_tumor_mm
+        tied_distance = np.asarray(distance, np.float64).ravel()[tied]
+        plan[tied[np.argsort(tied_distance, kind="stable")[:needed]]] = True
+    return plan.reshape(shape)
 
 
 def iso_plan(concentration: np.ndarray, brain: np.ndarray, level: float) -> np.ndarray:
@@ -116,9 +171,9 @@ def make_plans(tissue, concentration: np.ndarray, core: np.ndarray, visible: Opt
             raise InputError("no tumor core or visible tumor to plan around")
         core = np.asarray(visible, bool)
         notes.append("the observation has no tumor core: the standard plan grows the visible tumor instead")
-    distance = distance_mm(core, tissue.geometry)
-    standard = (distance <= margin_mm + 1e-6) & brain
-    model = model_plan(concentration, brain, int(standard.sum()), distance)
+    standard = standard_plan(core, brain, tissue.geometry, margin_mm)
+    model = model_plan(concentration, brain, int(standard.sum()),
+                       lambda tied: distance_mm(core, tissue.geometry, where=tied))
     iso = None if iso_level is None else iso_plan(concentration, brain, iso_level)
     as_labels = lambda mask: None if mask is None else mask.astype(np.uint8) * PLAN_LABEL  # noqa: E731
     return TargetPlans(tissue.geometry, as_labels(standard), as_labels(model), as_labels(iso), iso_level, margin_mm,
