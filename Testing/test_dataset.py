@@ -75,3 +75,40 @@ def test_dask_local_cluster_gives_the_same_data(tmp_path):
     serial = generate(config, tmp_path / "serial", local=True)
     distributed = generate(config, tmp_path / "dask", workers=2)  # a Dask LocalCluster of 2 processes
     assert distributed["sha256"] == serial["sha256"]
+
+
+def test_anatomy_recipe_sample_records_its_draw_and_its_shifted_crop():
+    """One sample of the training recipe: its anatomy is stored, the seed offset agrees with the shifted crop centre,
+    and the visible tumor is off the frame's centre by about the drawn shift."""
+    from TumorPersonalizationLib.augment import AnatomyPrior
+    from TumorPersonalizationLib.dataset import RECIPES, SampleMaker, recipe_config, sample_tissue
+
+    with pytest.raises(InputError, match="unknown dataset recipe"):
+        recipe_config("nope")
+    anatomy = AnatomyPrior(**{**RECIPES["anatomy"]["anatomy"].to_dict(), "deformation_probability": 1.0,
+                              "crop_jitter_mm": 8.0})
+    config = recipe_config("anatomy", samples=1, seed=3, grid=32, prior=SMALL_PRIOR, anatomy=anatomy)
+    assert DatasetConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    maker = SampleMaker(config)
+    run = maker.simulate(0)
+    sample = maker.sample_of(0, run)
+    # The stored draw rebuilds the very brain the tumor grew in (what the benchmarks re-run samples on).
+    stored = {k: np.asarray(v)[None] for k, v in sample.items()}
+    rebuilt = sample_tissue(config, maker.tissues, stored, 0)
+    assert np.array_equal(rebuilt.wm, run["tissue"].wm) and np.array_equal(rebuilt.csf, run["tissue"].csf)
+    assert sample["deformation_field_seed"] >= 0 and abs(np.linalg.det(sample["deformation_matrix"]) - 1) < 0.35
+    np.testing.assert_allclose(sample["seed_ras_mm"] - sample["crop_center_ras_mm"], sample["seed_offset_mm"],
+                               atol=1e-3)
+    jitter = sample["crop_jitter_mm"]
+    assert np.all(np.abs(jitter) <= 8.0) and np.abs(jitter).max() > 0
+    c = sample["concentration"].astype(np.float64)
+    visible = np.where(c >= 0.25, c, 0.0)
+    kji = np.array([(g * visible).sum() / visible.sum() for g in np.indices(c.shape)])
+    direction = maker.tissues[0].geometry.direction_ras  # the frame has the atlas's axes
+    offset_ras = direction @ ((kji - 15.5)[::-1] * 4.0)
+    # The tumor sits where the shift put it (within a voxel of the frame and the rounding of the crop centre).
+    assert np.linalg.norm(offset_ras + jitter) < 6.0, (offset_ras, jitter)
+    # An old (format 2) configuration without anatomy reads as the atlas-only recipe.
+    old = config.to_dict()
+    del old["anatomy"]
+    assert DatasetConfig.from_dict(old).anatomy == AnatomyPrior()

@@ -98,6 +98,8 @@ def test_training_resumes_and_writes_a_model_card(tmp_path, kind):
     recipe = {"name": f"tiny_{kind}", "kind": kind, "config": config, "train_data": str(data),
               "test_data": str(data), "epochs": 3, "batch_size": 2, "learning_rate": 0.003, "patience": 10,
               "validation_fraction": 0.34, "seed": 0}
+    if kind == "inverse":  # half the samples shown as their segmentation
+        recipe["segmentation_fraction"] = 0.5
     models = tmp_path / "models"
     first = train(recipe, tmp_path / "run", models_directory=models, max_epochs=1)
     assert first == {"finished": False, "epoch": 1} and (tmp_path / "run" / "loss.png").exists()
@@ -105,6 +107,9 @@ def test_training_resumes_and_writes_a_model_card(tmp_path, kind):
     assert card["epochs"] == 3 and len(card["history"]) == 3
     key = "ncc" if kind == "surrogate" else "seed_error_mm"
     assert card["held_out_metrics"]["samples"] == 6 and np.isfinite(card["held_out_metrics"][key]["mean"])
+    if kind == "inverse":
+        segmentation = card["held_out_metrics_segmentation_input"]
+        assert segmentation["samples"] == 6 and np.isfinite(segmentation["seed_error_mm"]["mean"])
     model, loaded = load_model(recipe["name"], kind=kind, grid=16, directory=models)
     assert loaded["training_data"]["samples"] == 6
 

@@ -207,3 +207,28 @@ def test_failed_write_leaves_the_previous_set(atlas_case, tmp_path, monkeypatch)
         write_outputs(result, out)
     assert (out / "parameters.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left behind
+
+
+def test_frame_is_centred_as_the_networks_training_crops_were():
+    """A network trained on crops around the visible tumor (the 'anatomy' recipe, recorded in its card) gets its frame
+    centred there; the bundled ones (crops around the whole concentration) keep theirs. A faint tail on one side
+    pulls the whole concentration's centre, not the visible one's."""
+    from types import SimpleNamespace
+
+    from TumorPersonalizationLib.inversion import Problem
+    from TumorPersonalizationLib.parameters import ParameterScaling
+
+    tissue = make_tissue(np.ones((40, 40, 40)), spacing=(2.0, 2.0, 2.0))
+    c = np.zeros(tissue.geometry.shape_kji, np.float32)
+    c[18:22, 18:22, 18:22] = 0.8  # visible core around index 19.5
+    c[18:22, 18:22, 22:36] = 0.2  # sub-visible tail along +i
+    gridded = Observation.from_volume(tissue.volume(c), "concentration").on_grid(tissue.geometry)
+    problem = SimpleNamespace(observation=gridded, tissue=tissue)
+    card = {"grid": 16, "cube_mm": 64.0, "scaling": ParameterScaling().to_dict()}
+    visible_card = dict(card, training_data={"config": {"anatomy": {"crop_center": "visible"}}})
+    centre_of = lambda frame: frame.geometry.index_kji_to_ras((np.asarray(frame.geometry.shape_kji) - 1) / 2.0)  # noqa
+    visible_centre = centre_of(Problem._frame(problem, visible_card))
+    whole_centre = centre_of(Problem._frame(problem, card))
+    expected = tissue.geometry.index_kji_to_ras(np.array([19.5, 19.5, 19.5]))
+    assert np.linalg.norm(visible_centre - expected) <= 2.0  # the frame snaps to the 2 mm grid
+    assert whole_centre[0] - visible_centre[0] >= 6.0  # the tail drags the whole centre along +x (i)

@@ -17,6 +17,13 @@ Each sample: the FD solution on the 2 mm atlas, then the cube of 128 mm centred 
 the simulation grid), area-averaged to the surrogate grid, with the same crop of the tissue and the parameters (seed
 as an offset in mm from the crop centre). Sample i depends only on (dataset seed, i), so shards can be computed in
 any order, on any worker, and a stopped run resumes where it stopped.
+
+Anatomical variety (format 3, issue 9; augment.AnatomyPrior, off in the first datasets): each sample's brain may be
+a random smooth deformation of its atlas variant (scaling, rotation, smooth displacement), carry segmentation-like
+noise at tissue borders, or be re-acquired on an oblique thick-slice grid; its crop centre may be the visible
+tumor's centre of mass and be shifted at random. What each sample drew is stored with it (augment.AnatomyDraw), and
+RECIPES names the settings: "atlas" (the first datasets), "anatomy" (training), "shifted" (a test set that no
+training sample can come from: its rotations lie beyond the training range, so the drawn deformations differ).
 """
 import hashlib
 import io
@@ -28,15 +35,17 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .constants import EDEMA_THRESHOLD
+from .augment import AnatomyDraw, AnatomyPrior, apply_anatomy, draw_anatomy
+from .constants import CORE_THRESHOLD, EDEMA_THRESHOLD
 from .errors import InputError
 from .imageio import sha256_file
 from .progress import ProgressCallback, check_cancel, report
 from .metrics import tumor_volume_cm3
 from .frame import SurrogateFrame
+from .observation import labels_pseudo_concentration
 from .tissue import Tissue
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,11 @@ class DatasetConfig:
     simulation_spacing_mm: int = 2  # atlas resolution of the FD runs
     shard_size: int = 50
     prior: Prior = field(default_factory=Prior)
+    anatomy: AnatomyPrior = field(default_factory=AnatomyPrior)
+    # Time steps of the FD runs (solver.StepControl): the solver's defaults (0.5 voxel, 0.4) unless set; (1.0, 0.5)
+    # stays within 1e-3 of a converged run on the 2 mm atlas (test_solver_physics) at about half the steps.
+    front_step_voxels: float = 0.5
+    reaction_accuracy: float = 0.4
 
     @property
     def surrogate_spacing_mm(self) -> float:
@@ -78,7 +92,41 @@ class DatasetConfig:
     def from_dict(cls, data: Dict) -> "DatasetConfig":
         data = dict(data)
         data["prior"] = Prior(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["prior"].items()})
+        data["anatomy"] = AnatomyPrior.from_dict(data.get("anatomy"))  # absent in format 2: the atlas-only recipe
         return cls(**data)
+
+    def step_control(self):
+        from .solver import StepControl
+
+        return StepControl(max_front_step_voxels=self.front_step_voxels, reaction_accuracy=self.reaction_accuracy)
+
+
+# Named settings of the anatomy and the time steps (scripts/generate_dataset.py --recipe).
+RECIPES: Dict[str, Dict] = {
+    # The first datasets: the atlas, its mirror image and hard-label versions only; crops on the concentration's
+    # centre of mass; the solver's default steps.
+    "atlas": {"anatomy": AnatomyPrior()},
+    # Training for patients' brains (issue 9): 4 in 5 samples deformed (scales 1 +/- 0-10 %, rotations 0-15 deg,
+    # 3 mm smooth displacement), border noise on half the soft ones, crops on the visible tumor shifted by up to
+    # 8 mm per axis; steps within 1e-3 of converged at about half the cost.
+    "anatomy": {"anatomy": AnatomyPrior(deformation_probability=0.8, border_noise_probability=0.5,
+                                        crop_jitter_mm=8.0, crop_center="visible"),
+                "front_step_voxels": 1.0, "reaction_accuracy": 0.5},
+    # The shifted test set: every sample deformed beyond the training range (scales 1 +/- 10-15 %, rotations
+    # 15-25 deg, 4.5 mm displacement), half re-acquired on an oblique 0.9 x 0.9 x 3 mm grid, crops centred on the
+    # visible tumor as the inversion centres them.
+    "shifted": {"anatomy": AnatomyPrior(deformation_probability=1.0, scale_range=(0.10, 0.15),
+                                        rotation_deg=(15.0, 25.0), displacement_mm=4.5, border_noise_probability=0.5,
+                                        oblique_probability=0.5, crop_center="visible"),
+                "front_step_voxels": 1.0, "reaction_accuracy": 0.5},
+}
+
+
+def recipe_config(recipe: str, **settings) -> "DatasetConfig":
+    """A DatasetConfig of a named recipe (RECIPES), other fields from settings (samples, seed, grid, ...)."""
+    if recipe not in RECIPES:
+        raise InputError(f"unknown dataset recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
+    return DatasetConfig(**{**RECIPES[recipe], **settings})
 
 
 def draw_physical(rng: np.random.Generator, prior: Prior) -> Dict[str, float]:
@@ -98,13 +146,15 @@ def with_days(physical: Dict[str, float], days: float) -> Dict[str, float]:
                 mu_rho=math.sqrt(physical["rho_per_day"] * days))
 
 
-def _crop_center_kji(concentration: np.ndarray) -> np.ndarray:
-    """Centre of mass of the concentration, rounded to whole voxels so the crop aligns with the grid."""
-    total = float(concentration.sum())
+def _crop_center_kji(concentration: np.ndarray, visible_only: bool = False) -> np.ndarray:
+    """Centre of mass of the concentration (of its visible part, c >= 0.25, with visible_only), rounded to whole
+    voxels so the crop aligns with the grid."""
+    weights = np.where(concentration >= EDEMA_THRESHOLD, concentration, 0.0) if visible_only else concentration
+    total = float(weights.sum())
     if total <= 0:
         raise InputError("empty simulation: no centre of mass")
-    grids = np.indices(concentration.shape, dtype=np.float64)
-    return np.array([round(float((g * concentration).sum() / total)) for g in grids])
+    grids = np.indices(weights.shape, dtype=np.float64)
+    return np.array([round(float((g * weights).sum() / total)) for g in grids])
 
 
 def atlas_variants(spacing_mm: int) -> List[Tissue]:
@@ -124,6 +174,7 @@ class SampleMaker:
         from .solver import TissueOperator
 
         self.config = config
+        self.device = device
         self.tissues = atlas_variants(config.simulation_spacing_mm)
         self.operators = [TissueOperator(t, device=device) for t in self.tissues]
         # Seed candidates per variant, found once: every draw of every sample picks from them.
@@ -135,24 +186,48 @@ class SampleMaker:
                              f"voxels")
 
     def make(self, index: int) -> Dict[str, np.ndarray]:
-        config, prior = self.config, self.config.prior
+        return self.sample_of(index, self.simulate(index))
+
+    def sample_of(self, index: int, run: Dict) -> Dict[str, np.ndarray]:
+        """The stored sample of a run (simulate's result): the crop, the parameters and the anatomy draw."""
+        sample = self._crop(index, run["tissue"], run["concentration"], run["seed_ras_mm"], run["physical"],
+                            run["visible_cm3"], run["mirrored"], run["hard_labels"], run["draw"], run["anatomy"])
+        sample.update(run["anatomy"].record())
+        return sample
+
+    def simulate(self, index: int) -> Dict:
+        """Sample i's draws and its FD run on the simulation grid (before cropping): tissue, operator, seed_ras_mm,
+        physical parameters at the final age, concentration, visible_cm3, flags and the anatomy draw."""
+        config, prior, anatomy = self.config, self.config.prior, self.config.anatomy
         rng = np.random.default_rng([config.seed, index])
         for draw in range(prior.max_draws_per_sample):
             mirrored = int(rng.uniform() < prior.mirror_probability)
             hard_labels = int(rng.uniform() < prior.hard_label_probability)
             variant = mirrored + 2 * hard_labels
-            tissue = self.tissues[variant]
-            candidates = self.seed_candidates[variant]
+            shape = draw_anatomy(rng, anatomy, soft=not hard_labels)
+            tissue, operator, candidates = self._anatomy(variant, shape, bool(hard_labels))
             seed_kji = candidates[rng.integers(len(candidates))] + rng.uniform(-0.5, 0.5, 3)
             seed_ras = tissue.geometry.index_kji_to_ras(seed_kji)
-            physical, c, visible = self.grow_to_target(variant, seed_ras, draw_physical(rng, prior))
+            physical, c, visible = self.grow_to_target(operator, seed_ras, draw_physical(rng, prior))
             if prior.visible_volume_cm3[0] <= visible <= prior.visible_volume_cm3[1]:
                 break
         else:
             raise RuntimeError(f"sample {index}: no draw within the volume range after {prior.max_draws_per_sample}")
-        return self._crop(index, tissue, c, seed_ras, physical, visible, mirrored, hard_labels, draw)
+        return {"tissue": tissue, "operator": operator, "seed_ras_mm": seed_ras, "physical": physical,
+                "concentration": c, "visible_cm3": visible, "mirrored": mirrored, "hard_labels": hard_labels,
+                "draw": draw, "anatomy": shape}
 
-    def grow_to_target(self, variant: int, seed_ras, physical: Dict[str, float]):
+    def _anatomy(self, variant: int, shape, hard_labels: bool):
+        """(tissue, its operator, seed candidates) of a sample: the atlas variant itself, or its drawn anatomy."""
+        from .solver import TissueOperator
+
+        if not (shape.deformed or shape.oblique or shape.noise_seed >= 0):
+            return self.tissues[variant], self.operators[variant], self.seed_candidates[variant]
+        tissue = apply_anatomy(self.tissues[variant], shape, self.config.anatomy, hard_labels)
+        candidates = np.argwhere(tissue.brain_fraction >= self.config.prior.seed_min_brain_fraction)
+        return tissue, TissueOperator(tissue, device=self.device), candidates
+
+    def grow_to_target(self, operator, seed_ras, physical: Dict[str, float]):
         """Grow the drawn tumor until its visible volume reaches the target (or T = max_days); returns the
         physical parameters at that age, the concentration and the visible volume."""
         import torch
@@ -160,15 +235,15 @@ class SampleMaker:
         from .solver import simulate_tensor
 
         prior = self.config.prior
-        voxel_cm3 = self.tissues[variant].geometry.voxel_volume_mm3() / 1000.0
+        voxel_cm3 = operator.geometry.voxel_volume_mm3() / 1000.0
         voxels_needed = physical["target_volume_cm3"] / voxel_cm3
         plan_days = min(prior.max_days, prior.plan_factor * physical["days"])
         while True:
             planned = with_days(physical, plan_days)
             with torch.no_grad():
                 c, stats = simulate_tensor(
-                    self.operators[variant], [planned["mu_d_mm"]], [planned["mu_rho"]], [seed_ras],
-                    return_stats=True,
+                    operator, [planned["mu_d_mm"]], [planned["mu_rho"]], [seed_ras],
+                    control=self.config.step_control(), return_stats=True,
                     stop=lambda t, c_box: float((c_box >= prior.visible_threshold).sum()) >= voxels_needed)
             if stats.end_time < 1.0 or plan_days >= prior.max_days:
                 break
@@ -177,16 +252,20 @@ class SampleMaker:
         physical = with_days(physical, plan_days * stats.end_time)
         return physical, c, tumor_volume_cm3(c, voxel_cm3 * 1000.0, prior.visible_threshold)
 
-    def _crop(self, index, tissue: Tissue, c, seed_ras, physical, visible, mirrored, hard_labels, draw):
+    def _crop(self, index, tissue: Tissue, c, seed_ras, physical, visible, mirrored, hard_labels, draw, shape):
         config = self.config
-        center_kji = _crop_center_kji(c)
-        center_ras = tissue.geometry.index_kji_to_ras(center_kji)
+        center_kji = _crop_center_kji(c, visible_only=config.anatomy.crop_center == "visible")
+        center_ras = tissue.geometry.index_kji_to_ras(center_kji) + shape.crop_jitter_mm
         frame = SurrogateFrame.around(center_ras, tissue.geometry, config.grid, config.cube_mm)
         crop_center_ras = frame.center_ras_mm
         return {
             "index": np.int64(index),
             "tissue": frame.tissue_channels(tissue).astype(np.float16),
             "concentration": np.clip(frame.sample(c), 0, 1).astype(np.float16),
+            # The same tumor as a BraTS-like segmentation (thresholds 0.25 / 0.675 on the simulation grid) shown the
+            # way the inversion shows a segmentation to the inverse net: the inverse net learns from both.
+            "segmentation_input": np.clip(frame.sample(labels_pseudo_concentration(
+                c >= EDEMA_THRESHOLD, c >= CORE_THRESHOLD, tissue.geometry.spacing_kji_mm)), 0, 1).astype(np.float16),
             "mu_d_mm": np.float32(physical["mu_d_mm"]),
             "mu_rho": np.float32(physical["mu_rho"]),
             "seed_offset_mm": (np.asarray(seed_ras) - crop_center_ras).astype(np.float32),
@@ -201,6 +280,17 @@ class SampleMaker:
         }
 
 
+def sample_tissue(config: DatasetConfig, variants: List[Tissue], arrays: Dict[str, np.ndarray], n: int) -> Tissue:
+    """The simulation-grid tissue sample n of a dataset was grown on, rebuilt from its stored draw (variants:
+    atlas_variants(config.simulation_spacing_mm)); benchmarks re-run samples on it."""
+    hard_labels = bool(arrays["hard_labels"][n])
+    variant = int(arrays["mirrored"][n]) + 2 * int(hard_labels)
+    draw = AnatomyDraw.from_record(arrays, n)
+    if not (draw.deformed or draw.oblique or draw.noise_seed >= 0):
+        return variants[variant]
+    return apply_anatomy(variants[variant], draw, config.anatomy, hard_labels)
+
+
 def _stack(samples: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
     return {key: np.stack([s[key] for s in samples]) for key in samples[0]}
 
@@ -209,9 +299,17 @@ def shard_path(directory: Path, shard: int) -> Path:
     return Path(directory) / f"shard_{shard:05d}.npz"
 
 
-def make_shard(config_dict: Dict, directory: str, shard: int, device: str = "cpu") -> Dict:
-    """Compute and write one shard (a function of plain arguments, so a Dask worker can run it)."""
+def make_shard(config_dict: Dict, directory: str, shard: int, device: str = "cpu",
+               torch_threads: Optional[int] = None) -> Dict:
+    """Compute and write one shard (a function of plain arguments, so a Dask worker can run it). torch_threads: the
+    worker's torch intra-op threads (1 on a LocalCluster of one process per core: two processes of two threads
+    each on two cores wait on each other)."""
     from .imageio import atomic_write_bytes
+
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(int(torch_threads))
 
     config = DatasetConfig.from_dict(config_dict)
     maker = _maker_cache(config, device)
@@ -270,8 +368,11 @@ def generate(config: DatasetConfig, directory, scheduler: Optional[str] = None, 
         else:
             from distributed import as_completed
 
-            futures = [client.submit(make_shard, config.to_dict(), str(directory.resolve()), s, device, pure=False)
-                       for s in todo]
+            # One torch thread per worker process when the cluster is ours (a process per core); on a cluster
+            # someone else set up, the workers keep their own setting.
+            threads = 1 if cluster is not None else None
+            futures = [client.submit(make_shard, config.to_dict(), str(directory.resolve()), s, device, threads,
+                                     pure=False) for s in todo]
             for future in as_completed(futures):
                 record(future.result())
     finally:

@@ -272,7 +272,11 @@ class Problem:
         return self._fd
 
     def _frame(self, card) -> SurrogateFrame:
-        return SurrogateFrame.from_card(card, self.observation.center_of_mass_ras(), self.tissue.geometry)
+        # Centred as the network's training crops were: on the whole concentration (the first datasets) or on its
+        # visible part (the "anatomy" recipe), as recorded in the card's training-data configuration.
+        anatomy = card.get("training_data", {}).get("config", {}).get("anatomy") or {}
+        visible_only = anatomy.get("crop_center", "concentration") == "visible"
+        return SurrogateFrame.from_card(card, self.observation.center_of_mass_ras(visible_only), self.tissue.geometry)
 
     def surrogate(self) -> SurrogateModel:
         if self._surrogate is None:

@@ -181,16 +181,14 @@ class GriddedObservation:
         gives the net a start as good as a concentration map's)."""
         if self.concentration is not None:
             return self.concentration
-        from scipy.ndimage import gaussian_filter
+        return labels_pseudo_concentration(self.visible > 0.5, self.core > 0.5, self.geometry.spacing_kji_mm)
 
-        labels = np.maximum(0.45 * self.visible, 0.9 * self.core)
-        sigma = [2.0 / s for s in self.geometry.spacing_kji_mm]
-        return np.clip(gaussian_filter(labels.astype(np.float32), sigma), 0.0, 1.0)
-
-    def center_of_mass_ras(self) -> np.ndarray:
-        """Centre of mass of the (pseudo-)concentration in RAS mm: where the surrogate frame is centred, as the
-        training crops were centred on the simulated concentration's centre of mass."""
+    def center_of_mass_ras(self, visible_only: bool = False) -> np.ndarray:
+        """Centre of mass of the (pseudo-)concentration in RAS mm (of its visible part with visible_only): where the
+        surrogate frame is centred, as the network's training crops were centred (its card says which)."""
         weights = self.pseudo_concentration()
+        if visible_only:
+            weights = np.where(self.visible > 0.5, weights, 0.0)
         total = float(weights.sum())
         grids = np.indices(weights.shape, dtype=np.float64)
         kji = np.array([float((g * weights).sum() / total) for g in grids])
@@ -239,3 +237,14 @@ def _extent(geometry: Geometry) -> str:
     ras = geometry.index_kji_to_ras(corners)
     low, high = ras.min(axis=0), ras.max(axis=0)
     return "[" + ", ".join(f"{a:.0f}..{b:.0f}" for a, b in zip(low, high)) + "]"
+
+
+def labels_pseudo_concentration(visible: np.ndarray, core: np.ndarray, spacing_kji_mm) -> np.ndarray:
+    """A segmentation as a concentration-like map: core 0.9, rest of the visible tumor 0.45, blurred by a Gaussian of
+    2 mm (spacing_kji_mm: the voxel size in mm, numpy order). What the inverse network is shown for a segmentation,
+    at inference and in training alike."""
+    from scipy.ndimage import gaussian_filter
+
+    labels = np.maximum(0.45 * np.asarray(visible, np.float32), 0.9 * np.asarray(core, np.float32))
+    sigma = [2.0 / s for s in spacing_kji_mm]
+    return np.clip(gaussian_filter(labels, sigma), 0.0, 1.0)

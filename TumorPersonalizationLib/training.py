@@ -39,15 +39,27 @@ def to_tensors(data: Dict[str, np.ndarray], scaling: ParameterScaling) -> Dict[s
     parameters = scaling.normalise(torch.as_tensor(data["seed_offset_mm"], dtype=torch.float32),
                                    torch.as_tensor(data["mu_d_mm"], dtype=torch.float32),
                                    torch.as_tensor(data["mu_rho"], dtype=torch.float32))
-    return {"tissue": tissue, "concentration": concentration, "parameters": parameters,
-            "mask": brain_mask_from_tissue(tissue)}
+    out = {"tissue": tissue, "concentration": concentration, "parameters": parameters,
+           "mask": brain_mask_from_tissue(tissue)}
+    if "segmentation_input" in data:  # format 3: the tumor also as a segmentation, for the inverse net
+        out["segmentation_input"] = torch.as_tensor(data["segmentation_input"].astype(np.float32))
+    return out
 
 
-def batch_loss(kind: str, model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+def batch_loss(kind: str, model, batch: Dict[str, torch.Tensor], segmentation_fraction: float = 0.0) -> torch.Tensor:
+    """The training loss of a batch. segmentation_fraction (inverse net only): the share of samples shown as their
+    segmentation (segmentation_input) instead of their concentration, drawn per sample from torch's RNG (which the
+    checkpoint saves, so a resumed run draws the same)."""
     if kind == "surrogate":
         return masked_bce_with_logits(model.logits(batch["tissue"], batch["parameters"]), batch["concentration"],
                                       batch["mask"])
-    return torch.mean((model(batch["tissue"], batch["concentration"]) - batch["parameters"]) ** 2)
+    tumor = batch["concentration"]
+    if segmentation_fraction > 0:
+        if "segmentation_input" not in batch:
+            raise InputError("segmentation_fraction needs a dataset with segmentation_input (format 3)")
+        shown = torch.rand(len(tumor)) < segmentation_fraction
+        tumor = torch.where(shown.to(tumor.device)[:, None, None, None], batch["segmentation_input"], tumor)
+    return torch.mean((model(batch["tissue"], tumor) - batch["parameters"]) ** 2)
 
 
 def _batches(tensors, indices, batch_size, device):
@@ -68,14 +80,16 @@ def evaluate_surrogate(model, tensors, device="cpu", batch_size=8) -> Dict:
     return summarise(rows, worst_is_low={"ncc"})
 
 
-def predict_inverse(model, tensors, scaling: ParameterScaling, device="cpu", batch_size=8) -> Dict[str, np.ndarray]:
-    """Predicted and true physical parameters of every sample: seed offsets (mm), mu_D (mm), mu_rho."""
+def predict_inverse(model, tensors, scaling: ParameterScaling, device="cpu", batch_size=8,
+                    tumor_input: str = "concentration") -> Dict[str, np.ndarray]:
+    """Predicted and true physical parameters of every sample: seed offsets (mm), mu_D (mm), mu_rho; the network
+    shown tensors[tumor_input] ("concentration" or "segmentation_input")."""
     out = {k: [] for k in ("seed_predicted", "seed_true", "mu_d_predicted", "mu_d_true", "mu_rho_predicted",
                            "mu_rho_true")}
     model.eval()
     with torch.no_grad():
         for batch in _batches(tensors, torch.arange(len(tensors["tissue"])), batch_size, device):
-            for suffix, values in (("predicted", model(batch["tissue"], batch["concentration"]).cpu()),
+            for suffix, values in (("predicted", model(batch["tissue"], batch[tumor_input]).cpu()),
                                    ("true", batch["parameters"].cpu())):
                 seed, mu_d, mu_rho = scaling.denormalise(values)
                 out["seed_" + suffix].append(seed.numpy())
@@ -84,9 +98,10 @@ def predict_inverse(model, tensors, scaling: ParameterScaling, device="cpu", bat
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def evaluate_inverse(model, tensors, scaling: ParameterScaling, device="cpu", batch_size=8) -> Dict:
+def evaluate_inverse(model, tensors, scaling: ParameterScaling, device="cpu", batch_size=8,
+                     tumor_input: str = "concentration") -> Dict:
     """Relative errors of mu_D and mu_rho and the seed error in mm; mean, s.e., median and worst 5 %."""
-    p = predict_inverse(model, tensors, scaling, device, batch_size)
+    p = predict_inverse(model, tensors, scaling, device, batch_size, tumor_input)
     rows = [{"mu_d_relative_error": float(abs(p["mu_d_predicted"][n] - p["mu_d_true"][n]) / p["mu_d_true"][n]),
              "mu_rho_relative_error": float(abs(p["mu_rho_predicted"][n] - p["mu_rho_true"][n]) / p["mu_rho_true"][n]),
              "seed_error_mm": float(np.linalg.norm(p["seed_predicted"][n] - p["seed_true"][n]))}
@@ -166,7 +181,7 @@ def train(recipe: Dict, work_dir, device="cpu", progress: Optional[ProgressCallb
         for batch in bar:
             check_cancel(cancel)
             optimiser.zero_grad(set_to_none=True)
-            loss = batch_loss(recipe["kind"], model, batch)
+            loss = batch_loss(recipe["kind"], model, batch, float(recipe.get("segmentation_fraction", 0.0)))
             loss.backward()
             optimiser.step()
             schedule.step()
@@ -198,12 +213,14 @@ def train(recipe: Dict, work_dir, device="cpu", progress: Optional[ProgressCallb
         return {"finished": False, "epoch": state["epoch"]}
 
     model.load_state_dict(state["best_state"])
-    metrics, check = {}, {}
+    metrics, check, segmentation_metrics = {}, {}, None
     if recipe.get("test_data"):
         test_arrays = load_dataset(recipe["test_data"])
         test = to_tensors(test_arrays, scaling)
         metrics = (evaluate_surrogate(model, test, device) if recipe["kind"] == "surrogate"
                    else evaluate_inverse(model, test, scaling, device))
+        if recipe["kind"] == "inverse" and "segmentation_input" in test:
+            segmentation_metrics = evaluate_inverse(model, test, scaling, device, tumor_input="segmentation_input")
         check = _write_check_samples(model, recipe, test_arrays, scaling, device, models_directory)
     manifest = json.loads((Path(recipe["train_data"]) / "manifest.json").read_text())
     card = {
@@ -221,6 +238,8 @@ def train(recipe: Dict, work_dir, device="cpu", progress: Optional[ProgressCallb
         "device": str(device), "torch": torch.__version__, "held_out_metrics": metrics,
         "history": state["history"], "check_samples": check,
     }
+    if segmentation_metrics is not None:  # the same held-out tumors shown as segmentations
+        card["held_out_metrics_segmentation_input"] = segmentation_metrics
     save_model(model, card, recipe["name"], models_directory)
     return read_card(recipe["name"], models_directory)  # as written: with the weights' sha256
 

@@ -85,6 +85,12 @@ def run_case(operator, mu_d, mu_rho, refinement, repeats, with_reference=True):
 
 
 def gradient_case(operator, mu_d, mu_rho):
+    """A gradient (forward + backward through the solver) against a plain forward run of the same case: time,
+    their ratio and the peak memory."""
+    with torch.no_grad():
+        started = time.perf_counter()
+        simulate_tensor(operator, [mu_d], [mu_rho], [SEED_RAS_MM])
+        forward = time.perf_counter() - started
     x = torch.tensor([mu_d, mu_rho], requires_grad=True)
     seed = torch.tensor(SEED_RAS_MM, requires_grad=True)
     _reset_peak_memory()
@@ -92,8 +98,20 @@ def gradient_case(operator, mu_d, mu_rho):
     c = simulate_tensor(operator, x[:1], x[1:], seed.view(1, 3))
     c.sum().backward()
     elapsed = time.perf_counter() - started
-    return {"mu_d_mm": mu_d, "mu_rho": mu_rho, "forward_backward_s": elapsed, "peak_rss_mb": round(_peak_memory_mb(), 1),
+    return {"mu_d_mm": mu_d, "mu_rho": mu_rho, "forward_backward_s": elapsed, "forward_s": forward,
+            "gradient_in_forward_runs": elapsed / forward, "peak_rss_mb": round(_peak_memory_mb(), 1),
             "grad_mu_d": float(x.grad[0]), "grad_mu_rho": float(x.grad[1])}
+
+
+GRADIENT_CASES = ((8.0, 3.0), (30.0, 8.0))  # a typical tumor, and a fast proliferative one (once > 24 GB)
+
+
+def gradient_cases(operator):
+    rows = []
+    for mu_d, mu_rho in GRADIENT_CASES:
+        rows.append(gradient_case(operator, mu_d, mu_rho))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def plot(results, path):
@@ -146,7 +164,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few cases only")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "solver.json")
+    parser.add_argument("--gradient-only", action="store_true",
+                        help="rerun only the gradient cases and update them in --out (the rest is kept)")
     args = parser.parse_args()
+    if args.gradient_only:
+        results = json.loads(args.out.read_text())
+        results["gradient_2mm"] = gradient_cases(TissueOperator(load_atlas(2)))
+        results["gradient_measured"] = time.strftime("%Y-%m-%d")
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"updated the gradient cases in {args.out}")
+        return
 
     mu_ds = [2.0, 8.0, 30.0] if args.quick else [2.0, 5.0, 8.0, 15.0, 30.0]
     mu_rhos = [1.0, 3.0, 10.0] if args.quick else [1.0, 3.0, 6.0, 10.0]
@@ -161,8 +188,7 @@ def main():
             row = run_case(atlas2, mu_d, mu_rho, refinement=4, repeats=3)
             results["cases_2mm"].append(row)
             print(json.dumps(row), flush=True)
-    results["gradient_2mm"] = gradient_case(atlas2, 8.0, 3.0)
-    print(json.dumps(results["gradient_2mm"]), flush=True)
+    results["gradient_2mm"] = gradient_cases(atlas2)
     del atlas2
     atlas1 = TissueOperator(load_atlas(1))
     for mu_d, mu_rho in ([(8.0, 3.0)] if args.quick else [(8.0, 3.0), (4.0, 2.0), (15.0, 5.0)]):

@@ -10,6 +10,9 @@ Metrics are inside the brain (WM+GM >= 0.1): MSE, MAE, tumor-normalised MSE/MAE,
 and the mean of the worst 5 %.
 
     python benchmarks/surrogate.py --model surrogate32 --test data/test32
+    python benchmarks/surrogate.py --model surrogate32 --test data/test32_shifted --out benchmarks/surrogate_shifted.json
+(the shifted test set: brains deformed beyond the training range, half re-acquired on oblique 3 mm slices; each
+sample is re-run at FD resolution on its own brain, rebuilt from its stored draw).
 """
 import argparse
 import json
@@ -25,7 +28,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from TumorPersonalizationLib.dataset import atlas_variants, load_dataset  # noqa: E402
+from TumorPersonalizationLib.dataset import (DatasetConfig, atlas_variants, load_dataset,  # noqa: E402
+                                             sample_tissue)
 from TumorPersonalizationLib.metrics import compare  # noqa: E402
 from TumorPersonalizationLib.parameters import ParameterScaling  # noqa: E402
 from TumorPersonalizationLib.registry import load_model, read_card  # noqa: E402
@@ -36,14 +40,20 @@ from TumorPersonalizationLib.training import (evaluate_inverse, evaluate_surroga
                                               to_tensors)
 
 
-def fd_resolution_rows(model, arrays, tensors, cube_mm, limit):
-    variants = atlas_variants(2)
+def fd_resolution_rows(model, arrays, tensors, cube_mm, limit, config):
+    variants = atlas_variants(config.simulation_spacing_mm)
     operators = {}
     rows, fd_times = [], []
     for n in range(min(limit, len(arrays["mu_d_mm"]))):
-        variant = int(arrays["mirrored"][n]) + 2 * int(arrays["hard_labels"][n])
-        tissue = variants[variant]
-        operator = operators.setdefault(variant, TissueOperator(tissue))
+        # The sample's own brain: its atlas variant, deformed / re-acquired as it drew (shifted test set).
+        tissue = sample_tissue(config, variants, arrays, n)
+        shared = next((i for i, v in enumerate(variants) if tissue is v), None)
+        if shared is None:
+            operator = TissueOperator(tissue)
+        else:
+            if shared not in operators:
+                operators[shared] = TissueOperator(tissue)
+            operator = operators[shared]
         started = time.perf_counter()
         with torch.no_grad():
             c = simulate_tensor(operator, [float(arrays["mu_d_mm"][n])], [float(arrays["mu_rho"][n])],
@@ -98,7 +108,9 @@ def main():
     results["surrogate_grid"] = evaluate_surrogate(model, tensors)
     print("surrogate grid:", json.dumps({k: v["mean"] for k, v in results["surrogate_grid"].items()
                                           if isinstance(v, dict)}), flush=True)
-    results["fd_resolution"], fd_times = fd_resolution_rows(model, arrays, tensors, card["cube_mm"], args.fd_samples)
+    config = DatasetConfig.from_dict(json.loads((args.test / "manifest.json").read_text())["config"])
+    results["fd_resolution"], fd_times = fd_resolution_rows(model, arrays, tensors, card["cube_mm"], args.fd_samples,
+                                                            config)
     print("FD resolution:", json.dumps({k: v["mean"] for k, v in results["fd_resolution"].items()
                                          if isinstance(v, dict)}), flush=True)
     results["inference"] = timing(model, tensors)

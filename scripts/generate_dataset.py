@@ -6,6 +6,8 @@ on SLURM, start the cluster there and pass its scheduler address).
 
     python scripts/generate_dataset.py --out data/train --samples 3000 --grid 32 --workers 2
     python scripts/generate_dataset.py --out data/test --samples 200 --seed 1      # held out: another seed
+    python scripts/generate_dataset.py --out data/train_anatomy --samples 3000 --recipe anatomy --workers 2
+    python scripts/generate_dataset.py --out data/test_shifted --samples 200 --recipe shifted --seed 3000
     python scripts/generate_dataset.py --out data/train128 --samples 30000 --grid 128 --simulation-spacing 1 \
         --device cuda --scheduler tcp://scheduler:8786                         # the published-size data, on a cluster
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from TumorPersonalizationLib.dataset import DatasetConfig, generate  # noqa: E402
+from TumorPersonalizationLib.dataset import RECIPES, generate, recipe_config  # noqa: E402
 from TumorPersonalizationLib.errors import InputError  # noqa: E402
 
 
@@ -28,6 +30,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="dataset seed: sample i depends only on (seed, i)")
     parser.add_argument("--grid", type=int, default=32, help="surrogate grid points per side of the 128 mm cube")
     parser.add_argument("--shard-size", type=int, default=50)
+    parser.add_argument("--recipe", default="atlas", choices=sorted(RECIPES),
+                        help="anatomy and time steps (dataset.RECIPES): atlas (the first datasets), anatomy "
+                             "(training for patients' brains), shifted (the shifted test set)")
     parser.add_argument("--scheduler", help="address of a running Dask scheduler (default: a LocalCluster)")
     parser.add_argument("--simulation-spacing", type=int, default=2, choices=(1, 2),
                         help="atlas spacing (mm) of the FD runs; 1 for the 128^3 (1 mm) grid of the GPU recipe")
@@ -38,8 +43,8 @@ def main(argv=None):
 
     from tqdm import tqdm
 
-    config = DatasetConfig(samples=args.samples, seed=args.seed, grid=args.grid, shard_size=args.shard_size,
-                           simulation_spacing_mm=args.simulation_spacing)
+    config = recipe_config(args.recipe, samples=args.samples, seed=args.seed, grid=args.grid,
+                           shard_size=args.shard_size, simulation_spacing_mm=args.simulation_spacing)
     bar = tqdm(total=config.shards, desc="shards", unit="shard", file=sys.stderr)
 
     def progress(fraction, message):
