@@ -218,6 +218,7 @@ def report(seed: int):
             entry["runtime_in_forward_runs"]["max"] = float(max(r["runtime_in_forward_runs"] for r in clean))
             entry["runtime_in_forward_runs"]["cases_over_4"] = int(sum(r["runtime_in_forward_runs"] > 4.0
                                                                        for r in clean))
+        entry["samples"] = len(rows)  # every case (the timing summary above counted only the clean ones)
         for name in ("coverage_model", "coverage_standard", "coverage_blur", "coverage_truth"):
             values = np.array([r[name] for r in rows if not math.isnan(r[name])])
             entry[name] = {"mean": float(values.mean()), "standard_error": float(values.std(ddof=1) / math.sqrt(
