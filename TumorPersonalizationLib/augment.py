@@ -67,10 +67,15 @@ class Deformation:
 
 def random_rotation(rng: np.random.Generator, max_angle_deg: float) -> np.ndarray:
     axis = rng.normal(size=3)
-    axis /= np.linalg.norm(axis)
-    angle = np.deg2rad(rng.uniform(-max_angle_deg, max_angle_deg))
+    return _axis_angle_rotation(axis, rng.uniform(-max_angle_deg, max_angle_deg))
+
+
+def _axis_angle_rotation(axis: np.ndarray, angle_deg: float) -> np.ndarray:
+    """The rotation by angle_deg about an axis (any length), by Rodrigues' formula."""
+    axis = np.asarray(axis, np.float64) / np.linalg.norm(axis)
     k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)  # Rodrigues
+    angle = np.deg2rad(angle_deg)
+    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)
 
 
 def random_deformation(rng: np.random.Generator, grid: Geometry, prior: DeformationPrior = DeformationPrior(),
@@ -211,6 +216,11 @@ class AnatomyDraw:
     def oblique(self) -> bool:
         return not np.allclose(self.oblique_direction, np.eye(3))
 
+    @property
+    def changes_tissue(self) -> bool:
+        """False when the sample's tissue is its atlas variant itself (no deformation, re-acquisition or noise)."""
+        return self.deformed or self.oblique or self.noise_seed >= 0
+
     @classmethod
     def from_record(cls, arrays: Dict[str, np.ndarray], n: int) -> "AnatomyDraw":
         """Sample n's draw from a dataset's arrays (format 2 data, without these fields: the atlas itself)."""
@@ -232,12 +242,11 @@ class AnatomyDraw:
 
 
 def _rotation(rng: np.random.Generator, angle_range_deg: Sequence[float]) -> Tuple[np.ndarray, float]:
+    """A rotation about a random axis by an angle whose size is drawn from angle_range_deg (random sign); and that
+    size."""
     axis = rng.normal(size=3)
-    axis /= np.linalg.norm(axis)
     angle = float(rng.uniform(*angle_range_deg)) * (1 if rng.uniform() < 0.5 else -1)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    theta = np.deg2rad(angle)
-    return np.eye(3) + np.sin(theta) * k + (1 - np.cos(theta)) * (k @ k), abs(angle)
+    return _axis_angle_rotation(axis, angle), abs(angle)
 
 
 def draw_anatomy(rng: np.random.Generator, prior: AnatomyPrior, soft: bool = True) -> AnatomyDraw:

@@ -182,6 +182,16 @@ def cube_box_kji(geometry: Geometry, center_ras_mm, size_mm: float):
     return box
 
 
+def mask_bounds(mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(low, high) index bounds (high exclusive, numpy axis order) of a non-empty mask's voxels: its bounding box."""
+    low, high = [], []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        low.append(hit[0])
+        high.append(hit[-1] + 1)
+    return np.array(low), np.array(high)
+
+
 def crop_with_padding(array: np.ndarray, box_kji, fill: float = 0.0) -> np.ndarray:
     out = np.full(tuple(b - a for a, b in box_kji), fill, dtype=array.dtype)
     src, dst = [], []

@@ -15,7 +15,7 @@ import numpy as np
 
 from .constants import BRAIN_FRACTION_THRESHOLD, STANDARD_MARGIN_MM
 from .errors import InputError
-from .geometry import Geometry
+from .geometry import Geometry, mask_bounds
 
 PLAN_LABEL = 1
 
@@ -44,29 +44,19 @@ def distance_mm(mask: np.ndarray, geometry: Geometry, max_mm: Optional[float] = 
         raise InputError("cannot measure a margin around an empty region")
     if max_mm is None and where is None:
         return distance_transform_edt(~mask, sampling=geometry.spacing_kji_mm)
-    low, high = _bounds(mask)
+    low, high = mask_bounds(mask)
     if max_mm is not None:
         # one voxel more than the margin: a voxel at exactly max_mm must be inside the box
         grow = np.ceil(float(max_mm) / np.asarray(geometry.spacing_kji_mm)).astype(int) + 1
         low, high = low - grow, high + grow
     if where is not None and np.any(where):
-        where_low, where_high = _bounds(np.asarray(where, bool))
+        where_low, where_high = mask_bounds(np.asarray(where, bool))
         low, high = np.minimum(low, where_low), np.maximum(high, where_high)
     low, high = np.maximum(low, 0), np.minimum(high, mask.shape)
     box = tuple(slice(a, b) for a, b in zip(low, high))
     out = np.full(mask.shape, np.inf)
     out[box] = distance_transform_edt(~mask[box], sampling=geometry.spacing_kji_mm)
     return out
-
-
-def _bounds(mask: np.ndarray):
-    """(low, high) index bounds (high exclusive) of a non-empty mask's voxels."""
-    low, high = [], []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        low.append(hit[0])
-        high.append(hit[-1] + 1)
-    return np.array(low), np.array(high)
 
 
 def standard_plan(core: np.ndarray, brain: np.ndarray, geometry: Geometry,
