@@ -462,7 +462,7 @@ def command_batch(args) -> int:
 
 def _run_batch_on_dask(cases, out_root, settings, scheduler, workers, finish):
     try:
-        from distributed import Client, LocalCluster, as_completed
+        from distributed import Client, as_completed
     except ImportError:
         raise InputError("--scheduler/--workers need Dask: pip install 'TumorPersonalizationLib[distributed]'") \
             from None
@@ -470,7 +470,9 @@ def _run_batch_on_dask(cases, out_root, settings, scheduler, workers, finish):
     if scheduler:
         client = Client(scheduler)
     else:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        from .cluster import local_cluster
+
+        cluster = local_cluster(workers)
         client = Client(cluster)
     try:
         futures = {client.submit(run_case, case, out_root, settings, pure=False): case for case in cases}

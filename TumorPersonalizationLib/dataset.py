@@ -72,10 +72,10 @@ class DatasetConfig:
     shard_size: int = 50
     prior: Prior = field(default_factory=Prior)
     anatomy: AnatomyPrior = field(default_factory=AnatomyPrior)
-    # Time steps of the FD runs (solver.StepControl): the solver's defaults (0.5 voxel, 0.4) unless set. (1.0, 0.5)
-    # takes about half the steps; on the 2 mm atlas it stays within 1e-3 of a converged run up to mu_D 20, mu_rho 6
-    # (test_solver_physics), but benchmarks/dataset_throughput.py measured 1.14e-3 on one deformed-brain sample of 8
-    # (mu_rho 5.3): tighten reaction_accuracy before relying on 1e-3 for every sample.
+    # Time steps of the FD runs (solver.StepControl): the solver's defaults (0.5 voxel, 0.4) unless set. The
+    # recipes for patients' brains take a front step of 1 voxel with reaction accuracy 0.4 (1.19x the samples per
+    # hour, benchmarks/dataset_throughput.py), within 1e-3 of a converged run (test_solver_physics, and at most
+    # 7.4e-4 on 8 drawn samples); reaction accuracy 0.5 had left one sample of 8 (mu_rho 5.3) at 1.14e-3.
     front_step_voxels: float = 0.5
     reaction_accuracy: float = 0.4
 
@@ -110,17 +110,17 @@ RECIPES: Dict[str, Dict] = {
     "atlas": {"anatomy": AnatomyPrior()},
     # Training for patients' brains (issue 9): 4 in 5 samples deformed (scales 1 +/- 0-10 %, rotations 0-15 deg,
     # 3 mm smooth displacement), border noise on half the soft ones, crops on the visible tumor shifted by up to
-    # 8 mm per axis; longer steps at about half the cost (see front_step_voxels).
+    # 8 mm per axis; longer steps (see front_step_voxels).
     "anatomy": {"anatomy": AnatomyPrior(deformation_probability=0.8, border_noise_probability=0.5,
                                         crop_jitter_mm=8.0, crop_center="visible"),
-                "front_step_voxels": 1.0, "reaction_accuracy": 0.5},
+                "front_step_voxels": 1.0, "reaction_accuracy": 0.4},
     # The shifted test set: every sample deformed beyond the training range (scales 1 +/- 10-15 %, rotations
     # 15-25 deg, 4.5 mm displacement), half re-acquired on an oblique 0.9 x 0.9 x 3 mm grid, crops centred on the
     # visible tumor as the inversion centres them.
     "shifted": {"anatomy": AnatomyPrior(deformation_probability=1.0, scale_range=(0.10, 0.15),
                                         rotation_deg=(15.0, 25.0), displacement_mm=4.5, border_noise_probability=0.5,
                                         oblique_probability=0.5, crop_center="visible"),
-                "front_step_voxels": 1.0, "reaction_accuracy": 0.5},
+                "front_step_voxels": 1.0, "reaction_accuracy": 0.4},
 }
 
 
@@ -383,14 +383,16 @@ def generate(config: DatasetConfig, directory, scheduler: Optional[str] = None, 
 
 def _dask_client(scheduler: Optional[str], workers: Optional[int]):
     try:
-        from distributed import Client, LocalCluster
+        from distributed import Client
     except ImportError:
         if scheduler:
             raise InputError("--scheduler needs Dask: pip install 'TumorPersonalizationLib[distributed]'")
         return None, None
     if scheduler:
         return Client(scheduler), None
-    cluster = LocalCluster(n_workers=workers or 1, threads_per_worker=1, processes=True, dashboard_address=None)
+    from .cluster import local_cluster
+
+    cluster = local_cluster(workers or 1)
     return Client(cluster), cluster
 
 

@@ -5,10 +5,13 @@ faster time steps.
 Settings (the same sample indices of the same random stream, --seed):
 - before: the first datasets' generator, recipe "atlas" (the solver's default steps), one Dask worker process
   with torch's default threads (what `generate_dataset.py --workers 1` ran);
-- steps: recipe "atlas" with the longer steps of the "anatomy" recipe (front 1 voxel, reaction accuracy 0.5),
+- steps: recipe "atlas" with the longer steps of the "anatomy" recipe (front 1 voxel, reaction accuracy 0.4),
   same process layout: what the steps alone buy;
+- memory: the same with the worker's malloc left as glibc sets it (cluster.LOCAL_WORKER_ENVIRON: Dask's
+  MALLOC_TRIM_THRESHOLD_ unset), one single-threaded worker: what that fix buys;
 - after: recipe "anatomy" (deformations, border noise, crop shifts, longer steps) on a Dask LocalCluster of one
   single-threaded worker per core, as `generate_dataset.py --recipe anatomy --workers 2` runs it.
+The before and steps settings run the workers in Dask's default environment, as the first generator did.
 Samples per hour = samples / wall time of `generate` (cluster start included).
 
 Accuracy: for the first --check samples of the "after" setting, the FD run at the sample's final parameters with
@@ -32,11 +35,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from TumorPersonalizationLib import cluster  # noqa: E402
 from TumorPersonalizationLib.dataset import SampleMaker, generate, recipe_config  # noqa: E402
 
+FIXED_ENVIRON = dict(cluster.LOCAL_WORKER_ENVIRON)
 
-def timed_generate(config, workers, local):
+
+def timed_generate(config, workers, local, dask_default_environ=False):
     directory = Path(tempfile.mkdtemp(prefix="throughput-"))
+    cluster.LOCAL_WORKER_ENVIRON = {} if dask_default_environ else FIXED_ENVIRON
     try:
         started = time.perf_counter()
         manifest = generate(config, directory, workers=workers, local=local)
@@ -79,7 +86,7 @@ def plot(result, path):
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     names = list(result["settings"])
     rates = [result["settings"][n]["samples_per_hour"] for n in names]
-    axes[0].bar(names, rates, color=["#888888", "#5b8bd0", "#2a9d55"][:len(names)])
+    axes[0].bar(names, rates, color=["#888888", "#5b8bd0", "#8a6bd0", "#2a9d55"][:len(names)])
     for x, rate in enumerate(rates):
         axes[0].text(x, rate, f"{rate:.0f}", ha="center", va="bottom")
     axes[0].set_ylabel("samples per hour (this machine)")
@@ -108,16 +115,19 @@ def main():
     import torch
 
     common = dict(samples=args.samples, seed=args.seed, shard_size=max(1, args.samples // (2 * args.workers)))
-    settings = {
-        "before": (recipe_config("atlas", **common), 1, False),
-        "steps": (recipe_config("atlas", front_step_voxels=1.0, reaction_accuracy=0.5, **common), 1, False),
-        "after": (recipe_config("anatomy", **common), args.workers, False),
+    recipe_steps = recipe_config("atlas", front_step_voxels=1.0, reaction_accuracy=0.4, **common)
+    settings = {  # name: (config, workers, local, Dask's default worker environment)
+        "before": (recipe_config("atlas", **common), 1, False, True),
+        "steps": (recipe_steps, 1, False, True),
+        "memory": (recipe_steps, 1, False, False),
+        "after": (recipe_config("anatomy", **common), args.workers, False, False),
     }
     result = {"machine": f"{os.cpu_count()}-core CPU (development machine)", "torch": torch.__version__,
               "samples": args.samples, "seed": args.seed, "settings": {}}
-    for name, (config, workers, local) in settings.items():
-        result["settings"][name] = dict(timed_generate(config, workers, local), workers=workers,
-                                        recipe_steps=[config.front_step_voxels, config.reaction_accuracy])
+    for name, (config, workers, local, dask_default) in settings.items():
+        result["settings"][name] = dict(timed_generate(config, workers, local, dask_default), workers=workers,
+                                        recipe_steps=[config.front_step_voxels, config.reaction_accuracy],
+                                        dask_default_worker_environ=dask_default)
         print(name, result["settings"][name], flush=True)
     before = result["settings"]["before"]["samples_per_hour"]
     result["speed_up"] = {n: s["samples_per_hour"] / before for n, s in result["settings"].items()}
