@@ -11,6 +11,7 @@ from TumorPersonalizationLib import GrowthParameters, simulate
 from TumorPersonalizationLib.cli import main
 from TumorPersonalizationLib.constants import DEFAULT_METHOD
 from TumorPersonalizationLib.geometry import Geometry, Volume
+from TumorPersonalizationLib.registry import SHIPPED_MODELS
 
 TRUTH = GrowthParameters((28.0, -12.0, 24.0), 6.0, 2.5)
 OUTPUTS = {"parameters.json", "infiltration.nii.gz", "report.png", "plan_standard.nii.gz", "plan_model.nii.gz"}
@@ -55,7 +56,8 @@ def test_personalize_writes_one_set_and_json_progress(tumor_file, tmp_path, caps
     assert summary["mu_d_mm"] == written["mu_d_mm"] and written["method"] == "direct"
     for key in ("seed_ras_mm", "mu_d_mm", "mu_rho", "loss", "runtime_s", "plans", "warnings", "provenance"):
         assert key in written
-    assert written["plans"]["standard_cm3"] > 0 and written["provenance"]["models"]["inverse32"]["sha256"]
+    assert written["plans"]["standard_cm3"] > 0
+    assert written["provenance"]["models"][SHIPPED_MODELS["inverse"]]["sha256"]
     plan = Volume.load(out / "plan_model.nii.gz")
     assert set(np.unique(plan.array)) == {0, 1}
 
@@ -120,7 +122,7 @@ def test_missing_or_corrupt_weights_are_refused(damage, message, tumor_file, tmp
     resources = tmp_path / "Resources"
     shutil.copytree(resources_dir() / "Models", resources / "Models",
                     ignore=shutil.ignore_patterns("*_stage*", "*_check.npz"))
-    weights = resources / "Models" / "inverse32.pt"
+    weights = resources / "Models" / f"{SHIPPED_MODELS['inverse']}.pt"
     if damage == "corrupt":
         data = bytearray(weights.read_bytes())
         data[1000] ^= 0xFF
@@ -130,7 +132,7 @@ def test_missing_or_corrupt_weights_are_refused(damage, message, tumor_file, tmp
     monkeypatch.setenv("TUMORPERSONALIZATION_RESOURCES", str(resources))
     out = tmp_path / "out"
     code, _, stderr = run(personalize_args(tumor_file, out), capsys)
-    assert code == 2 and message in stderr and "inverse32.pt" in stderr
+    assert code == 2 and message in stderr and f"{SHIPPED_MODELS['inverse']}.pt" in stderr
     assert not out.exists()
 
 

@@ -20,11 +20,11 @@ import json, sys
 from pathlib import Path
 import TumorPersonalizationLib
 from TumorPersonalizationLib.atlas import load_atlas, resources_dir
-from TumorPersonalizationLib.registry import load_model
+from TumorPersonalizationLib.registry import SHIPPED_MODELS, load_model
 
 atlas = load_atlas(2)
-surrogate, surrogate_card = load_model("surrogate32")
-inverse, inverse_card = load_model("inverse32")
+surrogate, surrogate_card = load_model(SHIPPED_MODELS["surrogate"])
+inverse, inverse_card = load_model(SHIPPED_MODELS["inverse"])
 print(json.dumps({
     "library": str(Path(TumorPersonalizationLib.__file__).resolve().parent),
     "resources": str(resources_dir().resolve()),

@@ -10,7 +10,7 @@ from TumorPersonalizationLib import InputError
 from TumorPersonalizationLib.dataset import generate
 from TumorPersonalizationLib.inverse import InverseConfig, InverseNet
 from TumorPersonalizationLib.parameters import ParameterScaling
-from TumorPersonalizationLib.registry import load_model, save_model
+from TumorPersonalizationLib.registry import SHIPPED_MODELS, load_model, save_model
 from TumorPersonalizationLib.surrogate import SurrogateConfig, SurrogateUNet, masked_mse
 from TumorPersonalizationLib.training import train
 
@@ -165,7 +165,7 @@ def test_trained_model_reproduces_its_card_on_stored_samples(tmp_path):
         assert recomputed[key] == pytest.approx(stored[key], rel=1e-5, abs=1e-9)
 
 
-@pytest.mark.parametrize("name", ["surrogate32", "inverse32"])
+@pytest.mark.parametrize("name", sorted(SHIPPED_MODELS.values()))
 def test_bundled_model_reproduces_its_model_card(name):
     """The committed weights (Resources/Models/NAME.*) load with their checksum and give the card's metrics on the
     held-out samples stored beside them; the surrogate's card holds held-out NCC and the inverse net's the errors."""
@@ -178,17 +178,17 @@ def test_bundled_model_reproduces_its_model_card(name):
         assert recomputed[key] == pytest.approx(stored[key], rel=1e-4, abs=1e-7)
 
 
-# Floors the bundled models must stay above on their stored held-out samples (independent of their cards, so a worse
+# Floors the shipped models must stay above on their stored held-out samples (independent of their cards, so a worse
 # retrained model fails here even when it reproduces its own card).
-BUNDLED_FLOORS = {"surrogate32": {"ncc": (">=", 0.9)},
-                  "inverse32": {"seed_error_mm": ("<=", 12.0), "mu_d_relative_error": ("<=", 0.3),
-                                "mu_rho_relative_error": ("<=", 0.3)}}
+SHIPPED_FLOORS = {"surrogate": {"ncc": (">=", 0.9)},
+                  "inverse": {"seed_error_mm": ("<=", 12.0), "mu_d_relative_error": ("<=", 0.3),
+                              "mu_rho_relative_error": ("<=", 0.3)}}
 
 
-@pytest.mark.parametrize("name", sorted(BUNDLED_FLOORS))
-def test_bundled_models_stay_above_a_fixed_floor(name):
-    recomputed, _ = reproduce_check_samples(name)
-    for key, (relation, bound) in BUNDLED_FLOORS[name].items():
+@pytest.mark.parametrize("kind", sorted(SHIPPED_FLOORS))
+def test_shipped_models_stay_above_a_fixed_floor(kind):
+    recomputed, _ = reproduce_check_samples(SHIPPED_MODELS[kind])
+    for key, (relation, bound) in SHIPPED_FLOORS[kind].items():
         assert recomputed[key] >= bound if relation == ">=" else recomputed[key] <= bound, (key, recomputed[key])
 
 
@@ -202,7 +202,7 @@ def test_moving_the_surrogate_seed_along_plus_x_moves_the_tumor_along_plus_x_in_
     from TumorPersonalizationLib.frame import SurrogateFrame
     from TumorPersonalizationLib.registry import load_model
 
-    model, card = load_model("surrogate32", kind="surrogate")
+    model, card = load_model(SHIPPED_MODELS["surrogate"], kind="surrogate")
     atlas = load_atlas(2)
     frame = SurrogateFrame.from_card(card, (20.0, -10.0, 20.0), atlas.geometry)
     tissue = torch.as_tensor(frame.tissue_channels(atlas)[None])

@@ -13,6 +13,7 @@ from TumorPersonalizationLib.inversion import (Candidate, InversionOptions, cma_
 from TumorPersonalizationLib.observation import Observation, SegmentationLabels
 from TumorPersonalizationLib.pipeline import personalize, prepare_problem, write_outputs
 from TumorPersonalizationLib.progress import Cancelled
+from TumorPersonalizationLib.registry import SHIPPED_MODELS
 from TumorPersonalizationLib.solver import StepControl
 
 from conftest import make_tissue
@@ -155,7 +156,7 @@ def test_personalize_writes_the_forward_run_of_its_parameters(atlas_case, tmp_pa
     infiltration = Volume.load(out / "infiltration.nii.gz")
     rerun = simulate(tissue, GrowthParameters.from_dict(written))
     assert np.abs(infiltration.array - rerun.array).max() < 1e-5
-    assert written["provenance"]["models"]["surrogate32"]["sha256"]
+    assert written["provenance"]["models"][SHIPPED_MODELS["surrogate"]]["sha256"]
     assert written["plans"]["standard_cm3"] == written["plans"]["model_cm3"]
     assert written["plans"]["iso_cm3"] > 0
 

@@ -153,11 +153,14 @@ def test_every_file_the_cmake_lists_name_exists_and_every_library_file_is_listed
     present = sorted(p.name for p in LIBRARY_DIRECTORY.glob("*.py"))
     assert sorted(listed) == present, (f"not listed: {sorted(set(present) - set(listed))}; listed but missing: "
                                        f"{sorted(set(listed) - set(present))}")
-    # The whole atlas and the models the inversion loads (each with its card) ship.
+    # The whole atlas ships, and of the models exactly those the inversion loads (registry.SHIPPED_MODELS), each
+    # with its card: replaced models and earlier training stages stay in the repository only.
+    from TumorPersonalizationLib.registry import SHIPPED_MODELS
+
     runtime = set(cmake_list(cmake, "LIBRARY_RUNTIME_RESOURCES"))
     assert {f"Atlas/{p.name}" for p in (REPOSITORY / "Resources" / "Atlas").iterdir()} <= runtime
-    for model in ("surrogate32", "inverse32"):
-        assert {f"Models/{model}.pt", f"Models/{model}.json"} <= runtime
+    assert {item for item in runtime if item.startswith("Models/")} == \
+        {f"Models/{model}.{suffix}" for model in SHIPPED_MODELS.values() for suffix in ("pt", "json")}
 
 
 def test_module_cmake_builds_the_scripted_module_with_tests():

@@ -38,6 +38,7 @@ from .geometry import Geometry
 from .observation import GriddedObservation
 from .parameters import MU_D_MM_BOUNDS, MU_RHO_BOUNDS, GrowthParameters
 from .progress import ProgressCallback, check_cancel, report, sub_progress
+from .registry import SHIPPED_MODELS
 from .solver import StepControl, TissueOperator, simulate_tensor
 from .surrogate import brain_mask_from_tissue
 from .tissue import Tissue
@@ -52,8 +53,8 @@ MIN_MU_RHO = 0.5
 class InversionOptions:
     """Tunable settings of the methods (all have defaults that the benchmark used)."""
 
-    surrogate: str = "surrogate32"
-    inverse: str = "inverse32"
+    surrogate: str = SHIPPED_MODELS["surrogate"]
+    inverse: str = SHIPPED_MODELS["inverse"]
     seed_margin_mm: float = STANDARD_MARGIN_MM
     gb_ftol: float = 1e-7  # gb-surrogate stops when the loss changes by less than this per iteration
     gb_max_iterations: int = 200

@@ -7,7 +7,9 @@ On the held-out test set (never used in training; generated with another dataset
      from the sample's stored parameters and atlas variant;
   3. inference time for one case and a batch of 8, against the FD solver on the same cases.
 Metrics are inside the brain (WM+GM >= 0.1): MSE, MAE, tumor-normalised MSE/MAE, NCC; mean, standard error, median
-and the mean of the worst 5 %.
+and the mean of the worst 5 %. Before scoring, the test set is checked against the model's training data (when that
+is on this machine) for samples that drew the same anatomy and seed (augment.shared_samples): it refuses to score
+a test set that shares any, and records the count as shared_with_training.
 
     python benchmarks/surrogate.py --model surrogate32 --test data/test32
     python benchmarks/surrogate.py --model surrogate32 --test data/test32_shifted --out benchmarks/surrogate_shifted.json
@@ -32,7 +34,7 @@ from TumorPersonalizationLib.dataset import (DatasetConfig, atlas_variants, load
                                              sample_tissue)
 from TumorPersonalizationLib.metrics import compare  # noqa: E402
 from TumorPersonalizationLib.parameters import ParameterScaling  # noqa: E402
-from TumorPersonalizationLib.registry import load_model, read_card  # noqa: E402
+from TumorPersonalizationLib.registry import SHIPPED_MODELS, load_model, read_card  # noqa: E402
 from TumorPersonalizationLib.solver import TissueOperator, simulate_tensor  # noqa: E402
 from TumorPersonalizationLib.frame import SurrogateFrame  # noqa: E402
 from TumorPersonalizationLib.evaluation import summarise  # noqa: E402
@@ -87,10 +89,26 @@ def timing(model, tensors, repeats=5):
     return times
 
 
+def shared_with_training(card, test_arrays):
+    """Test samples that drew the same anatomy and seed as a sample of the model's training data (augment.
+    shared_samples, on what was drawn, not on the random streams); refuses to score a test set that shares any.
+    Returns their count, or a note when the training data are not on this machine."""
+    from TumorPersonalizationLib.augment import shared_samples
+
+    train_folder = ROOT / card["training_data"]["path"]
+    if not (train_folder / "manifest.json").exists():
+        return f"not checked: {card['training_data']['path']} is not on this machine"
+    pairs = shared_samples(load_dataset(train_folder), test_arrays)
+    if pairs:
+        raise SystemExit(f"{len(pairs)} test samples drew the same anatomy and seed as training samples, e.g. "
+                         f"(training, test) = {pairs[:3]}")
+    return 0
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="surrogate32")
-    parser.add_argument("--inverse", default="inverse32", help="evaluated too if bundled")
+    parser.add_argument("--model", default=SHIPPED_MODELS["surrogate"])
+    parser.add_argument("--inverse", default=SHIPPED_MODELS["inverse"], help="evaluated too if bundled")
     parser.add_argument("--test", type=Path, default=ROOT / "data" / "test32")
     parser.add_argument("--fd-samples", type=int, default=200, help="samples re-run with the FD solver")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "surrogate.json")
@@ -104,7 +122,8 @@ def main():
     tensors = to_tensors(arrays, scaling)
     results = {"model": args.model, "model_sha256": card["sha256"], "test_data": str(args.test),
                "test_samples": int(len(arrays["mu_d_mm"])), "torch": torch.__version__,
-               "threads": torch.get_num_threads()}
+               "threads": torch.get_num_threads(),
+               "shared_with_training": shared_with_training(card, arrays)}
     results["surrogate_grid"] = evaluate_surrogate(model, tensors)
     print("surrogate grid:", json.dumps({k: v["mean"] for k, v in results["surrogate_grid"].items()
                                           if isinstance(v, dict)}), flush=True)
