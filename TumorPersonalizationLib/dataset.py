@@ -300,8 +300,9 @@ def shard_path(directory: Path, shard: int) -> Path:
 def make_shard(config_dict: Dict, directory: str, shard: int, device: str = "cpu",
                torch_threads: Optional[int] = None) -> Dict:
     """Compute and write one shard (a function of plain arguments, so a Dask worker can run it). torch_threads: the
-    worker's torch intra-op threads (1 on a LocalCluster of one process per core: two processes of two threads
-    each on two cores wait on each other)."""
+    worker's torch intra-op threads (1 on a LocalCluster of one process per core, where two processes of two
+    threads each on two cores would wait on each other; Dask's workers already start with OMP_NUM_THREADS=1 unless
+    the shell sets it, and this makes the setting explicit)."""
     from .imageio import atomic_write_bytes
 
     if torch_threads:

@@ -4,7 +4,8 @@ faster time steps.
 
 Settings (the same sample indices of the same random stream, --seed):
 - before: the first datasets' generator, recipe "atlas" (the solver's default steps), one Dask worker process
-  with torch's default threads (what `generate_dataset.py --workers 1` ran);
+  with torch's default threads there (one: Dask starts workers with OMP_NUM_THREADS=1), as
+  `generate_dataset.py --workers 1` ran;
 - steps: recipe "atlas" with the longer steps of the "anatomy" recipe (front 1 voxel, reaction accuracy 0.4),
   same process layout: what the steps alone buy;
 - memory: the same with the worker's malloc left as glibc sets it (cluster.LOCAL_WORKER_ENVIRON: Dask's
