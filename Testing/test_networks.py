@@ -64,6 +64,24 @@ def test_surrogate_is_differentiable_in_its_parameters():
         assert float(gradient[0, n]) == pytest.approx(float(numeric), rel=1e-4, abs=1e-12)
 
 
+def test_encoding_the_tissue_once_gives_the_same_prediction_and_gradient():
+    """A search encodes its tumor's tissue once and decodes every candidate (inversion.SurrogateModel): the same
+    logits as the whole network, for a batch sharing one encoding, and the same gradient in the parameters."""
+    torch.manual_seed(5)
+    model = SurrogateUNet(SurrogateConfig.from_dict(dict(TINY, widths=[4, 8, 8]))).double().eval()
+    tissue = torch.rand(1, 3, 16, 16, 16, dtype=torch.float64)
+    parameters = torch.rand(3, 5, dtype=torch.float64) * 2 - 1
+    with torch.no_grad():
+        encoded = model.encode(tissue)
+        whole = model.logits(tissue.expand(3, -1, -1, -1, -1), parameters)
+        np.testing.assert_allclose(model.decode(encoded, parameters).numpy(), whole.numpy(), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(whole[0], whole[1])  # the rows differ, so a mix-up of rows would show
+    x = parameters[:1].clone().requires_grad_(True)
+    (shared,) = torch.autograd.grad(model.decode(encoded, x).sum(), x)
+    (plain,) = torch.autograd.grad(model.logits(tissue, x).sum(), x)
+    np.testing.assert_allclose(shared.numpy(), plain.numpy(), rtol=1e-10)
+
+
 def test_registry_round_trip_and_refusals(tmp_path):
     torch.manual_seed(2)
     model = SurrogateUNet(SurrogateConfig.from_dict(TINY))

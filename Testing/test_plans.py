@@ -76,6 +76,27 @@ def test_planning_brain_fills_enclosed_holes_and_blurred_scores_reach_past_12_mm
     assert scores[1 + 14] > 0  # 14 mm from the labels: still ranked, not a tie at zero
 
 
+def test_planning_brain_filled_in_its_box_equals_filling_the_whole_image():
+    """The hole filling runs in the brain's bounding box: same mask as on the whole image, for random brains that
+    touch the image's faces (no padding there) or not, with holes open to the outside or enclosed."""
+    from scipy.ndimage import binary_fill_holes, gaussian_filter
+
+    rng = np.random.default_rng(4)
+    for trial in range(6):
+        noise = gaussian_filter(rng.random((24, 20, 22)), 1.5)
+        wm = (noise > np.quantile(noise, 0.2)).astype(np.float32)  # scattered background, some of it enclosed
+        wm[10:14, 8:12, 9:13] = 1.0
+        wm[11:13, 9:11, 10:12] = 0.0  # and one enclosed for sure
+        if trial % 2:
+            wm[:, :2] = 0.0  # a brain that keeps away from one pair of faces
+            wm[:, -2:] = 0.0
+        gm = np.zeros_like(wm)
+        expected = binary_fill_holes(wm >= 0.1)
+        assert expected.sum() > (wm >= 0.1).sum()  # there are holes to fill
+        np.testing.assert_array_equal(planning_brain_mask(wm, gm), expected)
+    assert not planning_brain_mask(np.zeros((4, 4, 4)), np.zeros((4, 4, 4))).any()
+
+
 def test_coverage_is_the_share_of_growth_inside_the_plan():
     growth = np.zeros((4, 4, 4), bool)
     growth[0, 0, :] = True

@@ -1,5 +1,6 @@
 """Physics of the FD solver: front speed, conservation, no flux into CSF, bounds, convergence, gradients."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -258,6 +259,27 @@ def test_gradient_matches_central_finite_differences():
             numeric = (loss(plus[0], plus[1], plus[2:]) - loss(minus[0], minus[1], minus[2:])) / (2 * step)
         assert float(gradient[n]) == pytest.approx(float(numeric), rel=1e-2, abs=1e-6), n
     assert abs(float(gradient[2:].norm())) > 1e-3  # the seed does move the answer
+
+
+def test_a_solver_gradient_does_not_import_torch_dynamo():
+    """torch's checkpoint() imports torch._dynamo on its first call (1.5-2.5 s here, paid by every command-line
+    personalisation); the solver calls the plain function, so a gradient through it never loads the compiler."""
+    import subprocess
+    import sys
+
+    script = ("import sys, torch\n"
+              "from conftest import heterogeneous_tissue\n"
+              "from TumorPersonalizationLib.solver import TissueOperator, simulate_tensor\n"
+              "operator = TissueOperator(heterogeneous_tissue((12, 12, 12), seed=1))\n"
+              "x = torch.tensor([3.0, 2.0], dtype=torch.float64, requires_grad=True)\n"
+              "seed = operator.geometry.index_kji_to_ras((6.0, 6.0, 6.0))\n"
+              "simulate_tensor(operator, x[:1], x[1:], [seed]).sum().backward()\n"
+              "assert float(x.grad.abs().min()) > 0, x.grad\n"
+              "print('dynamo' if 'torch._dynamo' in sys.modules else 'plain')\n")
+    here = str(Path(__file__).resolve().parent)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=here, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "plain"
 
 
 def test_simulate_on_working_grid_returns_tissue_grid(atlas_2mm):

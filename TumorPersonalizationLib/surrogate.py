@@ -126,7 +126,19 @@ class SurrogateUNet(nn.Module):
 
     def logits(self, tissue: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
         """The concentration before the sigmoid (what the training loss sees, so it never saturates)."""
-        x, skips = self.encoder(tissue)
+        return self.decode(self.encoder(tissue), parameters)
+
+    def encode(self, tissue: torch.Tensor):
+        """The tissue's encoding (bottleneck features and skips). The parameters enter only after it, so a search
+        over the parameters of one tumor encodes its tissue once and calls decode for every candidate."""
+        return self.encoder(tissue)
+
+    def decode(self, encoded, parameters: torch.Tensor) -> torch.Tensor:
+        """Logits from an encoding (B or 1 tissues; a single one is shared by every row of `parameters`)."""
+        x, skips = encoded
+        batch = parameters.shape[0]
+        if x.shape[0] != batch:
+            x, skips = x.expand(batch, -1, -1, -1, -1), [s.expand(batch, -1, -1, -1, -1) for s in skips]
         x = x + self.parameter_mlp(parameters)[:, :, None, None, None]
         x = self.bottleneck(x)
         for level in reversed(range(len(self.upsample))):
