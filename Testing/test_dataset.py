@@ -138,3 +138,26 @@ def test_anatomy_recipe_sample_records_its_draw_and_its_shifted_crop():
     old = config.to_dict()
     del old["anatomy"]
     assert DatasetConfig.from_dict(old).anatomy == AnatomyPrior()
+
+
+def test_committed_dataset_manifests_are_what_their_recipes_generate():
+    """The datasets stay out of git; their manifests (scripts/recipes/datasets) are committed so that a regenerated
+    set can be checked by its sha256. That only works while the recipe still gives the same configuration: a change
+    to a recipe (a prior, the time steps) must not silently make the documented command produce other data."""
+    from pathlib import Path
+
+    from TumorPersonalizationLib.dataset import FORMAT_VERSION, RECIPES, recipe_config
+
+    manifests = sorted((Path(__file__).resolve().parents[1] / "scripts" / "recipes" / "datasets").glob(
+        "*.manifest.json"))
+    assert manifests, "no committed dataset manifest"
+    for path in manifests:
+        manifest = json.loads(path.read_text())
+        assert manifest["complete"] and manifest["format_version"] == FORMAT_VERSION, path.name
+        assert manifest["samples"] == manifest["config"]["samples"] == sum(s["samples"] for s in manifest["shards"])
+        assert len(manifest["sha256"]) == 64 and all(len(s["sha256"]) == 64 for s in manifest["shards"])
+        config = DatasetConfig.from_dict(manifest["config"])
+        settings = {k: getattr(config, k) for k in ("samples", "seed", "grid", "cube_mm", "simulation_spacing_mm",
+                                                     "shard_size")}
+        matching = [name for name in RECIPES if recipe_config(name, **settings) == config]
+        assert len(matching) == 1, f"{path.name}: its configuration is no recipe's any more ({matching})"
