@@ -11,8 +11,8 @@ same tumor grown on to 1.5x its age (steps / 2) gives the later growth: its visi
 Per case and method: MSE, MAE, normalised MSE/MAE, NCC and Dice of the method's final FD run (on the 1 mm grid)
 against the hidden truth inside the brain; parameter and seed errors; wall time (and its ratio to one plain FD
 forward run of the true parameters at 1 mm on the same case, `simulate(tissue, parameters)` as a user runs it); the share of the later growth covered by the model
-plan at the standard plan's volume. For the default method the same cases are also given as segmentations
-(thresholded at 0.25 / 0.675), and its plan is compared with the 15 mm plan, a model-free plan (labels weighted
+plan at the standard plan's volume. For the default method and hybrid-fd the same cases are also given as
+segmentations (thresholded at 0.25 / 0.675), and the plan is compared with the 15 mm plan, a model-free plan (labels weighted
 0.9 core / 0.45 edema, blurred by a 3 mm Gaussian, ranked) and the true parameters' plan, all at equal volume.
 
 Resumable: every finished (case, method) appends one line to benchmarks/inversion_runs.jsonl and is skipped when the
@@ -49,6 +49,8 @@ from TumorPersonalizationLib.pipeline import personalize  # noqa: E402
 from TumorPersonalizationLib.plans import later_growth_coverage  # noqa: E402
 
 FAST_METHODS = ("direct", "gb-surrogate", "hybrid", "hybrid-fd")
+# Segmentation input, the clinical case: the default method and the most accurate one (when they differ).
+SEGMENTATION_METHODS = tuple(dict.fromkeys((DEFAULT_METHOD, "hybrid-fd")))
 CLEAN_LOAD = 2.5
 RUNS = ROOT / "benchmarks" / "inversion_runs.jsonl"
 CASE_DIR = ROOT / "data" / "inversion_cases"
@@ -169,7 +171,7 @@ def run_task(cases: Cases, index: int, method: str, kind: str, forward: Dict):
 
 def tasks(count: int):
     out = [(i, m, "concentration") for i in range(count) for m in FAST_METHODS]
-    out += [(i, DEFAULT_METHOD, "segmentation") for i in range(count)]
+    out += [(i, m, "segmentation") for i in range(count) for m in SEGMENTATION_METHODS]
     out += [(i, "cma-surrogate", "concentration") for i in range(min(count, 20))]
     out += [(i, "cma-solver", "concentration") for i in range(min(count, 5))]
     # In blocks of 5 cases (fast methods, the segmentation fit, then cma-surrogate), with the slow cma-solver run of
@@ -180,7 +182,7 @@ def tasks(count: int):
         index, method, kind = task
         block = index if method == "cma-solver" else index // 5
         return block, priority.get(method, 1 if kind == "segmentation" else 0), index, FAST_METHODS.index(method) \
-            if method in FAST_METHODS else 0
+            if method in FAST_METHODS else 0, kind
 
     return sorted(out, key=order)
 
@@ -219,6 +221,11 @@ def report(seed: int):
             entry["runtime_in_forward_runs"]["cases_over_4"] = int(sum(r["runtime_in_forward_runs"] > 4.0
                                                                        for r in clean))
         entry["samples"] = len(rows)  # every case (the timing summary above counted only the clean ones)
+        # Rows kept from an earlier sitting (tagged by the commit they ran on) when a change could not alter their
+        # answers: their timings are from that sitting's machine state, not comparable with this one's.
+        earlier = sorted({r["sitting"] for r in rows if r.get("sitting")})
+        if earlier:
+            entry["earlier_sitting"] = {"commits": earlier, "rows": int(sum(bool(r.get("sitting")) for r in rows))}
         for name in ("coverage_model", "coverage_standard", "coverage_blur", "coverage_truth"):
             values = np.array([r[name] for r in rows if not math.isnan(r[name])])
             entry[name] = {"mean": float(values.mean()), "standard_error": float(values.std(ddof=1) / math.sqrt(
@@ -242,7 +249,8 @@ def report(seed: int):
                     "speed_up": float(np.sum([b["runtime_s"] for _, b in pairs]) / np.sum([a["runtime_s"]
                                                                                          for a, _ in pairs])),
                     "ncc": float(np.mean([a["metrics"]["ncc"] for a, _ in pairs])),
-                    "ncc_cma_solver": float(np.mean([b["metrics"]["ncc"] for _, b in pairs]))}
+                    "ncc_cma_solver": float(np.mean([b["metrics"]["ncc"] for _, b in pairs])),
+                    "same_sitting": not any(a.get("sitting") or b.get("sitting") for a, b in pairs)}
     out = ROOT / "benchmarks" / "inversion.json"
     out.write_text(json.dumps(summary, indent=2) + "\n")
     write_table(summary, ROOT / "benchmarks" / "inversion.md")
@@ -266,6 +274,8 @@ def write_table(summary, path):
              "clean |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in summary["methods"].items():
+        if "earlier_sitting" in e:
+            name += f" (earlier sitting, {', '.join(e['earlier_sitting']['commits'])})"
         lines.append(f"| {name} | {e['samples']} | {_pm(e, 'mse', 1e3)} | {_pm(e, 'mae', 1e2)} | "
                      f"{_pm(e, 'mse_normalised')} | {_pm(e, 'mae_normalised')} | {_pm(e, 'ncc')} | "
                      f"{e['ncc']['worst_5_percent_mean']:.3f} | {_pm(e, 'seed_error_mm', digits=1)} | "
@@ -290,6 +300,8 @@ def write_table(summary, path):
         lines += ["", "Against cma-solver on the same cases:", "",
                   "| method | cases | wall-time ratio (cma-solver / method) | NCC | NCC cma-solver |", "|---|---|---|---|---|"]
         for name, v in versus:
+            if not v.get("same_sitting", True):
+                name += " (a pair from different sittings: timings not comparable)"
             lines.append(f"| {name} | {v['cases']} | {v['speed_up']:.0f}x | {v['ncc']:.4f} | {v['ncc_cma_solver']:.4f} |")
     path.write_text("\n".join(lines) + "\n")
 
