@@ -78,7 +78,7 @@ def test_planning_brain_fills_enclosed_holes_and_blurred_scores_reach_past_12_mm
 
 def test_planning_brain_filled_in_its_box_equals_filling_the_whole_image():
     """The hole filling runs in the brain's bounding box: same mask as on the whole image, for random brains that
-    touch the image's faces (no padding there) or not, with holes open to the outside or enclosed."""
+    touch the image's faces or keep away from some, with holes open to the outside or enclosed."""
     from scipy.ndimage import binary_fill_holes, gaussian_filter
 
     rng = np.random.default_rng(4)

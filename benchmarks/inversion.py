@@ -12,8 +12,9 @@ Per case and method: MSE, MAE, normalised MSE/MAE, NCC and Dice of the method's 
 against the hidden truth inside the brain; parameter and seed errors; wall time (and its ratio to one plain FD
 forward run of the true parameters at 1 mm on the same case, `simulate(tissue, parameters)` as a user runs it); the share of the later growth covered by the model
 plan at the standard plan's volume. For the default method and hybrid-fd the same cases are also given as
-segmentations (thresholded at 0.25 / 0.675), and the plan is compared with the 15 mm plan, a model-free plan (labels weighted
-0.9 core / 0.45 edema, blurred by a 3 mm Gaussian, ranked) and the true parameters' plan, all at equal volume.
+segmentations (thresholded at 0.25 / 0.675), and the plan is compared with the 15 mm plan, a model-free plan
+(labels weighted 0.9 core / 0.45 edema, blurred by a 3 mm Gaussian, ranked) and the true parameters' plan, all at
+equal volume.
 
 Resumable: every finished (case, method) appends one line to benchmarks/inversion_runs.jsonl and is skipped when the
 script runs again; tasks run in priority order (the four fast methods on every case, then cma-surrogate on the first
@@ -275,7 +276,8 @@ def write_table(summary, path):
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in summary["methods"].items():
         if "earlier_sitting" in e:
-            name += f" (earlier sitting, {', '.join(e['earlier_sitting']['commits'])})"
+            name += (f" ({e['earlier_sitting']['rows']} of {e['samples']} rows from the earlier sitting at "
+                     f"{', '.join(e['earlier_sitting']['commits'])})")
         lines.append(f"| {name} | {e['samples']} | {_pm(e, 'mse', 1e3)} | {_pm(e, 'mae', 1e2)} | "
                      f"{_pm(e, 'mse_normalised')} | {_pm(e, 'mae_normalised')} | {_pm(e, 'ncc')} | "
                      f"{e['ncc']['worst_5_percent_mean']:.3f} | {_pm(e, 'seed_error_mm', digits=1)} | "
