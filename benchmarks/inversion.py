@@ -16,13 +16,18 @@ segmentations (thresholded at 0.25 / 0.675), and the plan is compared with the 1
 (labels weighted 0.9 core / 0.45 edema, blurred by a 3 mm Gaussian, ranked) and the true parameters' plan, all at
 equal volume.
 
-Resumable: every finished (case, method) appends one line to benchmarks/inversion_runs.jsonl and is skipped when the
-script runs again; tasks run in priority order (the four fast methods on every case, then cma-surrogate on the first
-20, then cma-solver on the first 5). The 1-minute load average is recorded beside every timing: do not trust a time
+Resumable: every finished (case, method, input, brain) appends one line to benchmarks/inversion_runs.jsonl and is
+skipped when the script runs again; tasks run in priority order, in blocks of 5 cases (the four fast methods, the
+segmentation fits, the same on shifted brains, cma-surrogate on the first 20 cases, cma-solver on the first 5). The 1-minute load average is recorded beside every timing: do not trust a time
 taken while other jobs shared the cores (load above ~2.5 on this 2-core machine).
 
     python benchmarks/inversion.py --cases 50 --hours 1.5      # run (resumes)
     python benchmarks/inversion.py --report-only               # JSON, Markdown table and plots from what is done
+    python benchmarks/inversion.py --make-cases-only           # grow the cases first (untimed; may share the cores)
+
+Shifted brains (issue 9's second column): the same methods on --shifted-cases cases (default --cases) whose brain is
+the atlas deformed beyond the training range as the shifted test set's recipe draws it (half re-acquired on an oblique
+0.9 x 0.9 x 3 mm grid), from another stream, so no case's brain or tumor is one the networks trained on.
 """
 import argparse
 import json
@@ -34,13 +39,14 @@ from pathlib import Path
 from typing import Dict
 
 import numpy as np
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from TumorPersonalizationLib.atlas import load_atlas  # noqa: E402
 from TumorPersonalizationLib.constants import CORE_THRESHOLD, DEFAULT_METHOD, EDEMA_THRESHOLD  # noqa: E402
-from TumorPersonalizationLib.dataset import Prior, draw_physical, with_days  # noqa: E402
+from TumorPersonalizationLib.dataset import RECIPES, Prior, draw_physical, with_days  # noqa: E402
 from TumorPersonalizationLib.evaluation import summarise  # noqa: E402
 from TumorPersonalizationLib.inversion import InversionOptions  # noqa: E402
 from TumorPersonalizationLib.metrics import compare, tumor_volume_cm3  # noqa: E402
@@ -56,24 +62,51 @@ CLEAN_LOAD = 2.5
 RUNS = ROOT / "benchmarks" / "inversion_runs.jsonl"
 CASE_DIR = ROOT / "data" / "inversion_cases"
 VOLUME_RANGE_CM3 = (2.0, 120.0)
+BRAINS = ("atlas", "shifted")
+# The shifted test set's anatomy (issue 9): beyond the training range, so no case's brain is a training brain.
+SHIFTED_ANATOMY = RECIPES["shifted"]["anatomy"]
+SHIFTED_STREAM = 9  # the anatomy draws' stream, apart from the tumors' (seed, index)
 LATER_AGE_FACTOR = 1.5
 
 
 # ---- cases -------------------------------------------------------------------------------------------------------
 class Cases:
-    def __init__(self, seed: int):
+    """The held-out cases of one random stream on one kind of brain: "atlas" (the bundled 1 mm atlas) or "shifted"
+    (per case, the atlas deformed beyond the training range and, for half the cases, re-acquired on an oblique
+    0.9 x 0.9 x 3 mm grid: the shifted test set's anatomy prior, drawn from the case's own stream)."""
+
+    def __init__(self, seed: int, brain: str = "atlas"):
+        if brain not in BRAINS:
+            raise ValueError(f"unknown brain {brain!r}: choose one of {', '.join(BRAINS)}")
+        self.seed, self.brain_kind = seed, brain
+        self.atlas = load_atlas(1)
+        self._cached = {}
+
+    def anatomy(self, index: int):
+        """Case index's anatomy draw (shifted brains only; another stream than the tumor's)."""
+        from TumorPersonalizationLib.augment import draw_anatomy
+
+        return draw_anatomy(np.random.default_rng([self.seed, index, SHIFTED_STREAM]), SHIFTED_ANATOMY)
+
+    def brain_of(self, index: int):
+        """(tissue, its operator, brain mask) of case index; the last 5 cases' are kept (a block of tasks), as a
+        shifted brain takes ~10 s to build."""
+        from TumorPersonalizationLib.augment import apply_anatomy
         from TumorPersonalizationLib.solver import TissueOperator
 
-        self.seed = seed
-        self.tissue = load_atlas(1)
-        self.operator = TissueOperator(self.tissue)
-        self.candidates = np.argwhere(self.tissue.brain_fraction >= 0.5)
-        self.brain = self.tissue.brain_mask
+        if index not in self._cached:
+            tissue = self.atlas if self.brain_kind == "atlas" else \
+                apply_anatomy(self.atlas, self.anatomy(index), SHIFTED_ANATOMY)
+            if len(self._cached) >= 5:
+                self._cached.pop(next(iter(self._cached)))
+            self._cached[index] = (tissue, TissueOperator(tissue), tissue.brain_mask)
+        return self._cached[index]
 
     def get(self, index: int):
         """(truth parameters, c today, c at 1.5x age, info); made once and cached in data/ (stored as float16, and
         always returned through that rounding, so a fresh and a cached case are the same case)."""
-        path = CASE_DIR / f"seed{self.seed}_case{index:03d}.npz"
+        brain = "" if self.brain_kind == "atlas" else f"_{self.brain_kind}"
+        path = CASE_DIR / f"seed{self.seed}{brain}_case{index:03d}.npz"
         if not path.exists():
             self._make(index, path)
         with np.load(path) as data:
@@ -81,16 +114,17 @@ class Cases:
             return (GrowthParameters.from_dict(p), data["today"].astype(np.float32),
                     data["later"].astype(np.float32), p)
 
-    def forward_seconds(self, truth: GrowthParameters) -> Dict:
+    def forward_seconds(self, index: int) -> Dict:
         """Wall time of one forward run of the true parameters at 1 mm as a user runs it, `simulate(tissue,
         parameters)` (which builds the tissue's operator, as `personalize`'s final run does), best of two, warm, in
         this sitting, with the load average: the yardstick of 'no case over 4 forward runs'."""
         from TumorPersonalizationLib.solver import simulate
 
+        tissue, truth = self.brain_of(index)[0], self.get(index)[0]
         times = []
         for _ in range(2):
             started = time.perf_counter()
-            simulate(self.tissue, truth)
+            simulate(tissue, truth)
             times.append(time.perf_counter() - started)
         return {"forward_1mm_s": min(times), "forward_loadavg": os.getloadavg()[0]}
 
@@ -101,17 +135,19 @@ class Cases:
 
         rng = np.random.default_rng([self.seed, index])
         prior = Prior(visible_volume_cm3=VOLUME_RANGE_CM3)
-        voxel_cm3 = self.tissue.geometry.voxel_volume_mm3() / 1000.0
+        tissue, operator, _ = self.brain_of(index)
+        candidates = np.argwhere(tissue.brain_fraction >= 0.5)
+        voxel_cm3 = tissue.geometry.voxel_volume_mm3() / 1000.0
         for _ in range(50):
-            seed_kji = self.candidates[rng.integers(len(self.candidates))] + rng.uniform(-0.5, 0.5, 3)
-            seed_ras = self.tissue.geometry.index_kji_to_ras(seed_kji)
+            seed_kji = candidates[rng.integers(len(candidates))] + rng.uniform(-0.5, 0.5, 3)
+            seed_ras = tissue.geometry.index_kji_to_ras(seed_kji)
             physical = draw_physical(rng, prior)
             needed = physical["target_volume_cm3"] / voxel_cm3
             plan_days = min(prior.max_days, prior.plan_factor * physical["days"])
             planned = with_days(physical, plan_days)
             with torch.no_grad():
                 c, stats = simulate_tensor(
-                    self.operator, [planned["mu_d_mm"]], [planned["mu_rho"]], [seed_ras],
+                    operator, [planned["mu_d_mm"]], [planned["mu_rho"]], [seed_ras],
                     control=StepControl(refinement=4.0), return_stats=True,
                     stop=lambda t, box: float((box >= EDEMA_THRESHOLD).sum()) >= needed)
             today = c[0].numpy()
@@ -125,9 +161,13 @@ class Cases:
         later_parameters = GrowthParameters(truth.seed_ras_mm, truth.mu_d_mm * math.sqrt(LATER_AGE_FACTOR),
                                             truth.mu_rho * math.sqrt(LATER_AGE_FACTOR))
         with torch.no_grad():
-            later = simulate_tensor(self.operator, [later_parameters.mu_d_mm], [later_parameters.mu_rho], [seed_ras],
+            later = simulate_tensor(operator, [later_parameters.mu_d_mm], [later_parameters.mu_rho], [seed_ras],
                                     control=StepControl(refinement=2.0))[0].numpy()
         p = {**truth.to_dict(), "visible_cm3": visible, **{k: float(v) for k, v in physical.items()}}
+        if self.brain_kind != "atlas":  # what the brain drew, so the case says which brain it is
+            draw = self.anatomy(index)
+            p["anatomy"] = {"matrix": draw.matrix.tolist(), "rotation_deg": draw.rotation_deg,
+                            "oblique": bool(draw.oblique), "border_noise": draw.noise_seed >= 0}
         CASE_DIR.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(path, today=today.astype(np.float16), later=later.astype(np.float16),
                             parameters=json.dumps(p))
@@ -142,7 +182,7 @@ def segmentation_of(today: np.ndarray) -> np.ndarray:
 
 def run_task(cases: Cases, index: int, method: str, kind: str, forward: Dict):
     truth, today, later, info = cases.get(index)
-    tissue = cases.tissue
+    tissue, _, brain = cases.brain_of(index)
     labels = segmentation_of(today)
     if kind == "segmentation":
         observation = Observation.from_volume(tissue.volume(labels), "segmentation")
@@ -152,8 +192,8 @@ def run_task(cases: Cases, index: int, method: str, kind: str, forward: Dict):
     result = personalize(tissue, observation, method=method, device="cpu", options=InversionOptions())
     load_after = os.getloadavg()[0]
     p = result.parameters
-    scores = compare(result.concentration.array, today, cases.brain)
-    row = {"case": index, "method": method, "kind": kind, "truth": info, "found": p.to_dict(),
+    scores = compare(result.concentration.array, today, brain)
+    row = {"case": index, "method": method, "kind": kind, "brain": cases.brain_kind, "truth": info, "found": p.to_dict(),
            "metrics": scores, "seed_error_mm": float(np.linalg.norm(np.subtract(p.seed_ras_mm, truth.seed_ras_mm))),
            "mu_d_relative_error": abs(p.mu_d_mm - truth.mu_d_mm) / truth.mu_d_mm,
            "mu_rho_relative_error": abs(p.mu_rho - truth.mu_rho) / truth.mu_rho,
@@ -170,22 +210,31 @@ def run_task(cases: Cases, index: int, method: str, kind: str, forward: Dict):
     return row
 
 
-def tasks(count: int):
-    out = [(i, m, "concentration") for i in range(count) for m in FAST_METHODS]
-    out += [(i, m, "segmentation") for i in range(count) for m in SEGMENTATION_METHODS]
-    out += [(i, "cma-surrogate", "concentration") for i in range(min(count, 20))]
-    out += [(i, "cma-solver", "concentration") for i in range(min(count, 5))]
-    # In blocks of 5 cases (fast methods, the segmentation fit, then cma-surrogate), with the slow cma-solver run of
-    # case i at the end of block i: a sitting that stops early still has every method on its first cases.
-    priority = {"cma-surrogate": 2, "cma-solver": 3}
+def tasks(count: int, shifted_count: int = 0):
+    """(case, method, input kind, brain) in the order they run."""
+    out = [(i, m, "concentration", "atlas") for i in range(count) for m in FAST_METHODS]
+    out += [(i, m, "segmentation", "atlas") for i in range(count) for m in SEGMENTATION_METHODS]
+    out += [(i, m, "concentration", "shifted") for i in range(shifted_count) for m in FAST_METHODS]
+    out += [(i, m, "segmentation", "shifted") for i in range(shifted_count) for m in SEGMENTATION_METHODS]
+    out += [(i, "cma-surrogate", "concentration", "atlas") for i in range(min(count, 20))]
+    out += [(i, "cma-solver", "concentration", "atlas") for i in range(min(count, 5))]
+    # In blocks of 5 cases (fast methods, the segmentation fit, the same on shifted brains, then cma-surrogate),
+    # with the slow cma-solver run of case i at the end of block i: a sitting that stops early still has every
+    # method on its first cases. A case's methods run one after another (its brain is built once).
+    priority = {"cma-surrogate": 4, "cma-solver": 5}
 
     def order(task):
-        index, method, kind = task
+        index, method, kind, brain = task
         block = index if method == "cma-solver" else index // 5
-        return block, priority.get(method, 1 if kind == "segmentation" else 0), index, FAST_METHODS.index(method) \
-            if method in FAST_METHODS else 0, kind
+        rank = priority.get(method, (1 if kind == "segmentation" else 0) + (2 if brain == "shifted" else 0))
+        return block, rank, index, FAST_METHODS.index(method) if method in FAST_METHODS else 0, kind
 
     return sorted(out, key=order)
+
+
+def row_key(row):
+    """A run's task: rows from before the shifted column have no brain (the atlas)."""
+    return row["case"], row["method"], row["kind"], row.get("brain", "atlas")
 
 
 def read_runs():
@@ -204,10 +253,15 @@ def report(seed: int):
     runs = [r for r in read_runs() if r.get("seed", seed) == seed]
     groups = {}
     for r in runs:
-        groups.setdefault((r["method"], r["kind"]), []).append(r)
-    summary = {"seed": seed, "cases_grown_on": "bundled 1 mm atlas, steps / 4", "torch": torch.__version__,
+        groups.setdefault((r["method"], r["kind"], r.get("brain", "atlas")), []).append(r)
+    summary = {"seed": seed, "cases_grown_on": {
+                   "atlas": "bundled 1 mm atlas, steps / 4",
+                   "shifted": "per case, the 1 mm atlas deformed as the shifted test set's recipe draws (scales 1 "
+                              "+/- 10-15 %, rotations 15-25 deg, 4.5 mm displacement, half re-acquired on an oblique "
+                              "0.9 x 0.9 x 3 mm grid, border noise on half), steps / 4"},
+               "torch": torch.__version__,
                "threads": torch.get_num_threads(), "machine": "2-core CPU (development machine)", "methods": {}}
-    for (method, kind), rows in sorted(groups.items()):
+    for (method, kind, brain), rows in sorted(groups.items(), key=lambda item: (item[0][2], item[0][:2])):
         metric_rows = [{k: r["metrics"][k] for k in METRICS} for r in rows]
         entry = summarise(metric_rows, worst_is_low={"ncc", "dice_0.25", "dice_0.675"})
         entry.update(summarise([{k: r[k] for k in ("seed_error_mm", "mu_d_relative_error", "mu_rho_relative_error")}
@@ -237,13 +291,13 @@ def report(seed: int):
             if len(paired) > 1:
                 entry[f"model_minus_{other}"] = {"mean": float(paired.mean()),
                                                  "standard_error": float(paired.std(ddof=1) / math.sqrt(len(paired)))}
-        summary["methods"][f"{method} ({kind})"] = entry
+        summary["methods"][group_name(method, kind, brain)] = entry
     # Same-case comparison with cma-solver (the classical baseline), where both ran.
-    solver = {r["case"]: r for r in runs if r["method"] == "cma-solver"}
+    solver = {r["case"]: r for r in runs if r["method"] == "cma-solver" and r.get("brain", "atlas") == "atlas"}
     if solver:
         for method in FAST_METHODS + ("cma-surrogate",):
             pairs = [(r, solver[r["case"]]) for r in runs if r["method"] == method and r["kind"] == "concentration"
-                     and r["case"] in solver]
+                     and r.get("brain", "atlas") == "atlas" and r["case"] in solver]
             if pairs:
                 summary["methods"][f"{method} (concentration)"]["versus_cma_solver_same_cases"] = {
                     "cases": len(pairs),
@@ -257,6 +311,10 @@ def report(seed: int):
     write_table(summary, ROOT / "benchmarks" / "inversion.md")
     plot(groups, ROOT / "benchmarks" / "inversion.png")
     print(f"wrote {out}, inversion.md, inversion.png from {len(runs)} runs")
+
+
+def group_name(method: str, kind: str, brain: str) -> str:
+    return f"{method} ({kind})" if brain == "atlas" else f"{method} ({kind}, shifted brains)"
 
 
 def _pm(entry, key, scale=1.0, digits=3):
@@ -314,7 +372,7 @@ def plot(groups, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = sorted(groups, key=lambda k: (k[1], k[0]))
+    names = sorted(groups, key=lambda k: (k[2], k[1], k[0]))
     figure, axes = plt.subplots(1, 3, figsize=(18, 4.8))
     for x, key in enumerate(names):
         ncc = [r["metrics"]["ncc"] for r in groups[key]]
@@ -323,9 +381,9 @@ def plot(groups, path):
         axes[0].plot([x - 0.3, x + 0.3], [np.mean(ncc)] * 2, "k-", linewidth=1.5)
         times = [r["runtime_s"] for r in groups[key]]
         axes[1].scatter(np.full(len(times), x), times, s=10, alpha=0.7)
-    labels = [f"{m}\n({k[:4]})" for m, k in names]
+    labels = [f"{m}\n({k[:4]}{', shifted' if b == 'shifted' else ''})" for m, k, b in names]
     for axis in axes[:2]:
-        axis.set_xticks(range(len(names)), labels, fontsize=7)
+        axis.set_xticks(range(len(names)), labels, fontsize=6)
     axes[0].axhline(0.95, color="k", linestyle="--", linewidth=0.8)
     axes[0].axhline(0.85, color="k", linestyle=":", linewidth=0.8)
     axes[0].set_ylabel("NCC of the final FD run vs hidden truth (per case)")
@@ -333,17 +391,21 @@ def plot(groups, path):
     axes[1].set_yscale("log")
     axes[1].set_ylabel("wall time per case (s)")
     axes[1].set_title("wall time, 2-core CPU")
-    key = (DEFAULT_METHOD, "segmentation") if (DEFAULT_METHOD, "segmentation") in groups else \
-        next((k for k in names if k[1] == "segmentation"), None)
-    if key is not None:
-        rows = groups[key]
+    # Equal-volume plans of the default method's segmentation fit, one group of four boxes per brain.
+    ticks, tick_labels, counts = [], [], []
+    for offset, brain in enumerate(b for b in BRAINS if (DEFAULT_METHOD, "segmentation", b) in groups):
+        rows = groups[(DEFAULT_METHOD, "segmentation", brain)]
         values = [[r[f"coverage_{n}"] for r in rows if not math.isnan(r[f"coverage_{n}"])]
                   for n in ("standard", "blur", "model", "truth")]
-        axes[2].boxplot(values, showmeans=True)
-        axes[2].set_xticks([1, 2, 3, 4], ["15 mm margin", "blurred labels", f"model ({key[0]})", "true parameters"],
-                           fontsize=8)
+        positions = [5 * offset + 1 + i for i in range(4)]
+        axes[2].boxplot(values, positions=positions, showmeans=True)
+        ticks += positions
+        tick_labels += [f"15 mm\n{brain}", f"blurred\nlabels", f"model\n({DEFAULT_METHOD})", "true\nparameters"]
+        counts.append(f"{len(rows)} {brain}")
+    if ticks:
+        axes[2].set_xticks(ticks, tick_labels, fontsize=7)
         axes[2].set_ylabel("share of later growth covered")
-        axes[2].set_title(f"equal-volume plans, segmentation input, {len(rows)} cases")
+        axes[2].set_title(f"equal-volume plans, segmentation input ({', '.join(counts)} cases)", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)
@@ -354,30 +416,40 @@ def main():
     parser.add_argument("--cases", type=int, default=50)
     parser.add_argument("--seed", type=int, default=2026, help="random stream of the cases (training used 0, the "
                                                                  "surrogate test set 1000)")
+    parser.add_argument("--shifted-cases", type=int, help="cases on shifted brains (default: --cases)")
     parser.add_argument("--hours", type=float, default=1.5, help="stop starting new tasks after this long")
     parser.add_argument("--only", help="run only this method")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--make-cases-only", action="store_true",
+                        help="grow the cases not yet in data/inversion_cases and stop (untimed work: it may share "
+                             "the cores with other jobs, unlike the timed runs)")
     args = parser.parse_args()
     if args.report_only:
         report(args.seed)
         return
-    done = {(r["case"], r["method"], r["kind"]) for r in read_runs() if r.get("seed", args.seed) == args.seed}
-    cases = Cases(args.seed)
+    done = {row_key(r) for r in read_runs() if r.get("seed", args.seed) == args.seed}
+    cases = {brain: Cases(args.seed, brain) for brain in BRAINS}
     started = time.perf_counter()
     forwards = {}
-    for index, method, kind in tasks(args.cases):
-        if (index, method, kind) in done or (args.only and method != args.only):
+    shifted_count = args.cases if args.shifted_cases is None else args.shifted_cases
+    if args.make_cases_only:
+        for brain, count in (("atlas", args.cases), ("shifted", shifted_count)):
+            for index in tqdm(range(count), desc=f"cases on {brain} brains"):
+                cases[brain].get(index)
+        return
+    for index, method, kind, brain in tasks(args.cases, shifted_count):
+        if (index, method, kind, brain) in done or (args.only and method != args.only):
             continue
         if time.perf_counter() - started > args.hours * 3600:
             print("time budget reached; run again to resume", flush=True)
             break
-        if index not in forwards:  # the case is made (untimed) and its yardstick measured before any method runs
-            forwards[index] = cases.forward_seconds(cases.get(index)[0])
-        row = run_task(cases, index, method, kind, forwards[index])
+        if (brain, index) not in forwards:  # the case is made (untimed) and its yardstick measured first
+            forwards[(brain, index)] = cases[brain].forward_seconds(index)
+        row = run_task(cases[brain], index, method, kind, forwards[(brain, index)])
         row["seed"] = args.seed
         with open(RUNS, "a") as stream:
             stream.write(json.dumps(row) + "\n")
-        print(f"case {index} {method} ({kind}): NCC {row['metrics']['ncc']:.4f}, seed {row['seed_error_mm']:.1f} mm, "
+        print(f"case {index} ({brain}) {method} ({kind}): NCC {row['metrics']['ncc']:.4f}, seed {row['seed_error_mm']:.1f} mm, "
               f"mu_D {100 * row['mu_d_relative_error']:.0f} %, mu_rho {100 * row['mu_rho_relative_error']:.0f} %, "
               f"{row['runtime_s']:.1f} s (load {row['loadavg_after']:.1f}), coverage {row['coverage_model']:.3f} "
               f"vs 15 mm {row['coverage_standard']:.3f}", flush=True)
