@@ -115,6 +115,21 @@ def test_resample_block_average_and_crop_cube():
     np.testing.assert_allclose(cube.geometry.index_kji_to_ras((3, 3, 3)), tissue.geometry.index_kji_to_ras((1, 4, 4)))
 
 
+def test_block_mean_is_the_mean_of_each_block():
+    """The strided sums equal a reshape's mean (float32 rounding), for unequal factors, odd leftovers cut off."""
+    from TumorPersonalizationLib.geometry import block_mean
+
+    rng = np.random.default_rng(3)
+    for shape, factors in (((8, 6, 10), (2, 2, 2)), ((10, 7, 9), (3, 1, 2)), ((4, 4, 4), (1, 1, 1))):
+        array = rng.random(shape)
+        blocks = tuple(n // f for n, f in zip(shape, factors))
+        cut = array[:blocks[0] * factors[0], :blocks[1] * factors[1], :blocks[2] * factors[2]]
+        expected = cut.reshape(blocks[0], factors[0], blocks[1], factors[1], blocks[2], factors[2]).mean(axis=(1, 3, 5))
+        result = block_mean(array, factors, blocks)
+        assert result.dtype == np.float32 and result.shape == blocks
+        np.testing.assert_allclose(result, expected, rtol=0, atol=1e-6)
+
+
 def test_mirroring_swaps_hemispheres():
     wm = np.zeros((2, 2, 6), np.float32)
     wm[..., :2] = 1.0

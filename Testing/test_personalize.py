@@ -233,3 +233,7 @@ def test_frame_is_centred_as_the_networks_training_crops_were():
     expected = tissue.geometry.index_kji_to_ras(np.array([19.5, 19.5, 19.5]))
     assert np.linalg.norm(visible_centre - expected) <= 2.0  # the frame snaps to the 2 mm grid
     assert whole_centre[0] - visible_centre[0] >= 6.0  # the tail drags the whole centre along +x (i)
+    # The centres themselves (found in the tumor's bounding box): i = (0.8*64*19.5 + 0.2*224*28.5) / 96 = 23.7.
+    np.testing.assert_allclose(gridded.center_of_mass_ras(visible_only=True), expected, atol=1e-5)
+    np.testing.assert_allclose(gridded.center_of_mass_ras(),
+                               tissue.geometry.index_kji_to_ras(np.array([19.5, 19.5, 23.7])), atol=1e-4)

@@ -107,7 +107,8 @@ def test_coverage_is_the_share_of_growth_inside_the_plan():
 
 
 def test_boxed_distance_and_partitioned_plan_equal_the_whole_grid_versions():
-    """The speed-ups (distance transform in the tumor's box, plan edge by partition, tie distances only where tied)
+    """The speed-ups (distance transform in the tumor's box, plan edge by partition among the positive values, tie
+    distances only where tied)
     give what the plain versions give: the same distances up to the margin, the same plan."""
     from TumorPersonalizationLib.plans import distance_mm
 
@@ -130,3 +131,9 @@ def test_boxed_distance_and_partitioned_plan_equal_the_whole_grid_versions():
     assert lazy.sum() == voxels
     np.testing.assert_array_equal(lazy.ravel(), reference)
     np.testing.assert_array_equal(model_plan(concentration, tissue.brain_mask, voxels, full), lazy)
+    # A plan inside the support: its edge is found among the positive values only, the same plan.
+    voxels = int((full <= 2.0).sum()) + 7
+    assert voxels < np.count_nonzero(concentration[tissue.brain_mask])
+    reference = np.zeros(concentration.size, bool)
+    reference[np.lexsort((full.ravel(), -concentration.astype(np.float64).ravel()))[:voxels]] = True
+    np.testing.assert_array_equal(model_plan(concentration, tissue.brain_mask, voxels, full).ravel(), reference)

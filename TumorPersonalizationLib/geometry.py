@@ -4,6 +4,7 @@ Arrays are numpy in (k, j, i) order, as SimpleITK's GetArrayFromImage and Slicer
 SimpleITK and ITK describe physical space in LPS; Slicer shows RAS. ``Geometry`` stores RAS, converts to LPS only when
 talking to SimpleITK, and every index <-> RAS conversion in the project goes through it.
 """
+import functools
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple
 
@@ -214,6 +215,22 @@ def _integer_factors(source: Geometry, target: Geometry) -> Optional[Tuple[int, 
     return None
 
 
+def block_mean(array: np.ndarray, factors_kji: Sequence[int], shape_kji: Sequence[int]) -> np.ndarray:
+    """The mean (float32) of each factors_kji block of array: shape_kji blocks from the origin corner.
+
+    Summed axis by axis over strided slices: a 6-d reshape's mean up to float32 rounding (~1e-7) and about 10x
+    faster on a 1 mm brain (6 ms against 57 ms; a personalisation's preparation spent half a second in it)."""
+    out = np.asarray(array, dtype=np.float32)[tuple(slice(0, n * f) for n, f in zip(shape_kji, factors_kji))]
+    for axis, factor in enumerate(factors_kji):
+        parts = []
+        for offset in range(factor):
+            index = [slice(None)] * out.ndim
+            index[axis] = slice(offset, None, factor)
+            parts.append(out[tuple(index)])
+        out = functools.reduce(np.add, parts) if factor > 1 else out
+    return out * np.float32(1.0 / np.prod(factors_kji))
+
+
 def resample_fraction(array: np.ndarray, source: Geometry, target: Geometry) -> np.ndarray:
     """Resample a fraction / concentration map (values in [0, 1]). Integer coarsening is an exact block (area)
     average; anything else is linear interpolation after a Gaussian pre-filter matched to the coarsening, clipped
@@ -221,10 +238,7 @@ def resample_fraction(array: np.ndarray, source: Geometry, target: Geometry) -> 
     must stay a fraction map."""
     factors = _integer_factors(source, target)
     if factors is not None and target.same_grid(source.with_spacing(target.spacing_ijk_mm)):
-        fk, fj, fi = factors
-        K, J, I = target.shape_kji
-        block = array[: K * fk, : J * fj, : I * fi].astype(np.float32)
-        return block.reshape(K, fk, J, fj, I, fi).mean(axis=(1, 3, 5))
+        return block_mean(array, factors, target.shape_kji)
     return np.clip(resample_linear(array, source, target, antialias=True), 0.0, 1.0)
 
 

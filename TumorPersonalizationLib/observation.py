@@ -26,7 +26,7 @@ import numpy as np
 
 from .constants import CORE_THRESHOLD, EDEMA_THRESHOLD
 from .errors import InputError
-from .geometry import Geometry, Volume, resample_fraction, resample_linear
+from .geometry import Geometry, Volume, mask_bounds, resample_fraction, resample_linear
 
 KINDS = ("concentration", "segmentation")
 
@@ -191,8 +191,17 @@ class GriddedObservation:
         weights = self.pseudo_concentration()
         if visible_only:
             weights = np.where(self.visible > 0.5, weights, 0.0)
-        # scipy's broadcast index grids, not a full (3, K, J, I) float64 index array (~200 MB on a 1 mm brain)
-        return self.geometry.index_kji_to_ras(np.asarray(center_of_mass(weights), np.float64))
+        # In the bounding box of the non-zero weights (the rest adds nothing; on a 1 mm brain the whole image took
+        # 0.08 s), with scipy's broadcast index grids, not a full (3, K, J, I) float64 index array.
+        support = weights != 0
+        if not np.any(support):
+            raise InputError("the observation holds no tumor")
+        low, high = mask_bounds(support)
+        box = tuple(slice(a, b) for a, b in zip(low, high))
+        # Summed in float64 (cheap in the box): a float32 sum put a centre meant to be a voxel boundary 2e-7 short of
+        # it, and the frame, which snaps to the grid, a whole voxel off.
+        centre_kji = np.asarray(center_of_mass(weights[box].astype(np.float64)), np.float64) + low
+        return self.geometry.index_kji_to_ras(centre_kji)
 
     # ---- the data loss ---------------------------------------------------------------------------------------
     def loss_terms(self, device="cpu", dtype=None):

@@ -22,16 +22,22 @@ PLAN_LABEL = 1
 
 def planning_brain_mask(wm: np.ndarray, gm: np.ndarray) -> np.ndarray:
     """GM + WM (fraction >= 0.1) with enclosed holes filled, in 3-D."""
-    from scipy.ndimage import binary_fill_holes
+    from scipy.ndimage import label
 
     brain = (np.asarray(wm) + np.asarray(gm)) >= BRAIN_FRACTION_THRESHOLD
     if not np.any(brain):
         return brain
     # Filled in the brain's bounding box: everything outside it is background that reaches the image border, so a
-    # background voxel on the box's faces does too, as the box's own filling assumes; the holes are the same as on
-    # the whole image, for a fraction of the work on a brain image with margins (every personalisation).
+    # background voxel on the box's faces does too; the holes are the same as on the whole image, for a fraction of
+    # the work on a brain image with margins (every personalisation). A hole is a face-connected background
+    # component that touches no face of the box: what scipy's binary_fill_holes fills, found by one labelling pass
+    # instead of its iterated dilation (about 5x faster on a 1 mm brain).
     box = tuple(slice(a, b) for a, b in zip(*mask_bounds(brain)))
-    brain[box] = binary_fill_holes(brain[box])
+    background, _ = label(~brain[box])
+    faces = [background.take(end, axis=axis) for axis in range(3) for end in (0, -1)]
+    outside = np.unique(np.concatenate([f.ravel() for f in faces]))
+    holes = (background > 0) & ~np.isin(background, outside)
+    brain[box] |= holes
     return brain
 
 
@@ -91,8 +97,12 @@ def model_plan(concentration: np.ndarray, brain: np.ndarray, voxels: int,
     plan = np.zeros(int(np.prod(shape)), bool)
     if voxels == 0:
         return plan.reshape(shape)
-    # The voxels-th largest value, by partition (linear time; a full sort of a 1 mm brain takes ~0.7 s).
-    edge = np.partition(values, candidates.size - voxels)[candidates.size - voxels]
+    # The voxels-th largest value, by partition (linear time; a full sort of a 1 mm brain takes ~0.7 s), among the
+    # positive values when there are enough of them: the same value, from the tumor's neighbourhood instead of the
+    # whole brain (a 1 mm brain's partition took 0.15 s of every personalisation).
+    positive = values > 0
+    pool = values[positive] if np.count_nonzero(positive) >= voxels else values
+    edge = np.partition(pool, pool.size - voxels)[pool.size - voxels]
     above = candidates[values > edge]
     tied = candidates[values == edge]
     plan[above] = True
