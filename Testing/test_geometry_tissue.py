@@ -117,7 +117,7 @@ def test_resample_block_average_and_crop_cube():
 
 def test_block_mean_is_the_mean_of_each_block():
     """The strided sums equal a reshape's mean (float32 rounding), for unequal factors, odd leftovers cut off."""
-    from TumorPersonalizationLib.geometry import block_mean
+    from TumorPersonalizationLib.geometry import block_mean, resample_fraction
 
     rng = np.random.default_rng(3)
     for shape, factors in (((8, 6, 10), (2, 2, 2)), ((10, 7, 9), (3, 1, 2)), ((4, 4, 4), (1, 1, 1))):
@@ -128,6 +128,14 @@ def test_block_mean_is_the_mean_of_each_block():
         result = block_mean(array, factors, blocks)
         assert result.dtype == np.float32 and result.shape == blocks
         np.testing.assert_allclose(result, expected, rtol=0, atol=1e-6)
+        # The reference path (the surrogate frame's, which made the training data) is the reshape mean to the bit.
+        source = Geometry(shape, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+        target = source.with_spacing(tuple(float(f) for f in factors[::-1]))
+        assert target.shape_kji == blocks
+        np.testing.assert_array_equal(resample_fraction(array, source, target, reference_mean=True),
+                                      cut.astype(np.float32).reshape(expected.shape[0], factors[0], expected.shape[1],
+                                                                     factors[1], expected.shape[2], factors[2])
+                                      .mean(axis=(1, 3, 5)))
 
 
 def test_mirroring_swaps_hemispheres():

@@ -237,3 +237,25 @@ def test_frame_is_centred_as_the_networks_training_crops_were():
     np.testing.assert_allclose(gridded.center_of_mass_ras(visible_only=True), expected, atol=1e-5)
     np.testing.assert_allclose(gridded.center_of_mass_ras(),
                                tissue.geometry.index_kji_to_ras(np.array([19.5, 19.5, 23.7])), atol=1e-4)
+
+
+def test_blurred_labels_in_their_box_equal_the_whole_image_blur_bit_for_bit():
+    """labels_pseudo_concentration blurs only around the labels: the same numbers as blurring the whole image (the
+    training data's segmentation input is made by it, and its committed manifests pin every byte), for tumors in
+    the middle, at an image face, and with anisotropic voxels."""
+    from scipy.ndimage import gaussian_filter
+
+    from TumorPersonalizationLib.observation import labels_pseudo_concentration
+
+    rng = np.random.default_rng(5)
+    shape = (40, 48, 44)
+    for spacing, corner in (((1.0, 1.0, 1.0), (20, 18, 22)), ((3.0, 0.9, 0.9), (0, 30, 5)), ((2.0, 2.0, 2.0), (33, 0, 38))):
+        box = np.zeros(shape, bool)
+        k, j, i = corner
+        box[k:k + 7, j:j + 9, i:i + 6] = True  # the last two touch image faces (low k and j; high k and i)
+        visible = box & (rng.random(shape) < 0.8)
+        core = visible & (rng.random(visible.shape) < 0.5)
+        labels = np.maximum(0.45 * visible.astype(np.float32), 0.9 * core.astype(np.float32))
+        expected = np.clip(gaussian_filter(labels, [2.0 / s for s in spacing]), 0.0, 1.0)
+        np.testing.assert_array_equal(labels_pseudo_concentration(visible, core, spacing), expected)
+    assert not labels_pseudo_concentration(np.zeros((5, 5, 5), bool), np.zeros((5, 5, 5), bool), (1, 1, 1)).any()

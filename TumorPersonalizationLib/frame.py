@@ -67,15 +67,19 @@ class SurrogateFrame:
         return self.geometry.shape_kji[0]
 
     def sample(self, array: np.ndarray) -> np.ndarray:
-        """A fraction or concentration map on the source grid -> the frame grid (area average), float32."""
+        """A fraction or concentration map on the source grid -> the frame grid (area average), float32: by the
+        reference arithmetic the training data were made with, so the networks see inputs made as theirs were and
+        regenerated data match their committed manifests byte for byte."""
         if np.shape(array) != self.source_geometry.shape_kji:
             raise InputError(f"array of shape {np.shape(array)} is not on the frame's source grid "
                              f"{self.source_geometry.shape_kji}")
         if self.source_box_kji is not None:
             fine = self.source_geometry.sub_box(self.source_box_kji)
-            cropped = crop_with_padding(np.asarray(array, np.float32), self.source_box_kji)
-            return resample_fraction(cropped, fine, self.geometry).astype(np.float32)
-        return resample_fraction(np.asarray(array, np.float32), self.source_geometry, self.geometry).astype(np.float32)
+            # cut, then converted: converting first copied a whole 1 mm image per call (a bool mask, a float64 map)
+            cropped = crop_with_padding(np.asarray(array), self.source_box_kji).astype(np.float32, copy=False)
+            return resample_fraction(cropped, fine, self.geometry, reference_mean=True).astype(np.float32)
+        return resample_fraction(np.asarray(array, np.float32), self.source_geometry, self.geometry,
+                                 reference_mean=True).astype(np.float32)
 
     def crop_source(self, array: np.ndarray) -> np.ndarray:
         """The frame's cube cut from a source-grid array at source resolution (exact path only)."""

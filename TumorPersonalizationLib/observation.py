@@ -256,4 +256,15 @@ def labels_pseudo_concentration(visible: np.ndarray, core: np.ndarray, spacing_k
 
     labels = np.maximum(0.45 * np.asarray(visible, np.float32), 0.9 * np.asarray(core, np.float32))
     sigma = [2.0 / s for s in spacing_kji_mm]
-    return np.clip(gaussian_filter(labels, sigma), 0.0, 1.0)
+    out = np.zeros_like(labels)
+    if not np.any(labels):
+        return out
+    # Blurred in the labels' bounding box grown by the kernel's radius (scipy's truncation at 4 sigma) and a voxel:
+    # every pass then reads only zeros beyond the box and in what its borders reflect, so the box holds exactly the
+    # whole image's result (bit for bit: the same sums) and the rest is 0, for a fraction of the work (a 1 mm image
+    # took 0.16 s a blur, three times per personalisation).
+    radius = [int(4.0 * s + 0.5) + 1 for s in sigma]
+    low, high = mask_bounds(labels > 0)
+    box = tuple(slice(max(a - r, 0), min(b + r, n)) for a, b, r, n in zip(low, high, radius, labels.shape))
+    out[box] = np.clip(gaussian_filter(labels[box], sigma), 0.0, 1.0)
+    return out
