@@ -120,7 +120,8 @@ def test_block_mean_is_the_mean_of_each_block():
     from TumorPersonalizationLib.geometry import block_mean, resample_fraction
 
     rng = np.random.default_rng(3)
-    for shape, factors in (((8, 6, 10), (2, 2, 2)), ((10, 7, 9), (3, 1, 2)), ((4, 4, 4), (1, 1, 1))):
+    for shape, factors in (((8, 6, 10), (2, 2, 2)), ((10, 7, 9), (3, 1, 2)), ((4, 4, 4), (1, 1, 1)),
+                           ((6, 6, 6), (3, 3, 3))):
         array = rng.random(shape)
         blocks = tuple(n // f for n, f in zip(shape, factors))
         cut = array[:blocks[0] * factors[0], :blocks[1] * factors[1], :blocks[2] * factors[2]]
@@ -132,10 +133,15 @@ def test_block_mean_is_the_mean_of_each_block():
         source = Geometry(shape, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
         target = source.with_spacing(tuple(float(f) for f in factors[::-1]))
         assert target.shape_kji == blocks
+        np.testing.assert_allclose(resample_fraction(array, source, target), expected, rtol=0, atol=1e-6)
         np.testing.assert_array_equal(resample_fraction(array, source, target, reference_mean=True),
                                       cut.astype(np.float32).reshape(expected.shape[0], factors[0], expected.shape[1],
                                                                      factors[1], expected.shape[2], factors[2])
                                       .mean(axis=(1, 3, 5)))
+    constant = np.full((6, 6, 6), 0.7, np.float32)  # a block of equal values keeps its value
+    np.testing.assert_array_equal(block_mean(constant, (3, 3, 3), (2, 2, 2)), np.full((2, 2, 2), 0.7, np.float32))
+    with pytest.raises(ValueError, match="do not fit"):
+        block_mean(np.zeros((1, 4, 4)), (2, 2, 2), (1, 2, 2))
 
 
 def test_mirroring_swaps_hemispheres():

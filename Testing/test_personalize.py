@@ -249,7 +249,8 @@ def test_blurred_labels_in_their_box_equal_the_whole_image_blur_bit_for_bit():
 
     rng = np.random.default_rng(5)
     shape = (40, 48, 44)
-    for spacing, corner in (((1.0, 1.0, 1.0), (20, 18, 22)), ((3.0, 0.9, 0.9), (0, 30, 5)), ((2.0, 2.0, 2.0), (33, 0, 38))):
+    cases = (((1.0, 1.0, 1.0), (20, 18, 22)), ((3.0, 0.9, 0.9), (0, 30, 5)), ((2.0, 2.0, 2.0), (33, 0, 38)))
+    for spacing, corner in cases:
         box = np.zeros(shape, bool)
         k, j, i = corner
         box[k:k + 7, j:j + 9, i:i + 6] = True  # the last two touch image faces (low k and j; high k and i)

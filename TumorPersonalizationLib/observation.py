@@ -195,7 +195,8 @@ class GriddedObservation:
         # 0.08 s), with scipy's broadcast index grids, not a full (3, K, J, I) float64 index array.
         support = weights != 0
         if not np.any(support):
-            raise InputError("the observation holds no tumor")
+            raise InputError("the observation shows no visible tumor" if visible_only else
+                             "the observation holds no tumor")
         low, high = mask_bounds(support)
         box = tuple(slice(a, b) for a, b in zip(low, high))
         # Summed in float64 (cheap in the box): a float32 sum put a centre meant to be a voxel boundary 2e-7 short of

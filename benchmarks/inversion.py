@@ -10,24 +10,25 @@ same tumor grown on to 1.5x its age (steps / 2) gives the later growth: its visi
 
 Per case and method: MSE, MAE, normalised MSE/MAE, NCC and Dice of the method's final FD run (on the 1 mm grid)
 against the hidden truth inside the brain; parameter and seed errors; wall time (and its ratio to one plain FD
-forward run of the true parameters at 1 mm on the same case, `simulate(tissue, parameters)` as a user runs it); the share of the later growth covered by the model
-plan at the standard plan's volume. For the default method and hybrid-fd the same cases are also given as
-segmentations (thresholded at 0.25 / 0.675), and the plan is compared with the 15 mm plan, a model-free plan
-(labels weighted 0.9 core / 0.45 edema, blurred by a 3 mm Gaussian, ranked) and the true parameters' plan, all at
-equal volume.
+forward run of the true parameters at 1 mm on the same case, `simulate(tissue, parameters)` as a user runs it); the
+share of the later growth covered by the model plan at the standard plan's volume. For the default method and
+hybrid-fd the same cases are also given as segmentations (thresholded at 0.25 / 0.675), and the plan is compared with
+the 15 mm plan, a model-free plan (labels weighted 0.9 core / 0.45 edema, blurred by a 3 mm Gaussian, ranked) and the
+true parameters' plan, all at equal volume.
 
 Resumable: every finished (case, method, input, brain) appends one line to benchmarks/inversion_runs.jsonl and is
 skipped when the script runs again; tasks run in priority order, in blocks of 5 cases (the four fast methods, the
-segmentation fits, the same on shifted brains, cma-surrogate on the first 20 cases, cma-solver on the first 5). The 1-minute load average is recorded beside every timing: do not trust a time
-taken while other jobs shared the cores (load above ~2.5 on this 2-core machine).
+segmentation fits, the same on shifted brains, cma-surrogate on the first 20 cases, cma-solver on the first 5). The
+1-minute load average is recorded beside every timing: do not trust a time taken while other jobs shared the cores
+(load above ~2.5 on this 2-core machine).
 
     python benchmarks/inversion.py --cases 50 --hours 1.5      # run (resumes)
     python benchmarks/inversion.py --report-only               # JSON, Markdown table and plots from what is done
     python benchmarks/inversion.py --make-cases-only           # grow the cases first (untimed; may share the cores)
 
 Shifted brains (issue 9's second column): the same methods on --shifted-cases cases (default --cases) whose brain is
-the atlas deformed beyond the training range as the shifted test set's recipe draws it (half re-acquired on an oblique
-0.9 x 0.9 x 3 mm grid), from another stream, so no case's brain or tumor is one the networks trained on.
+the atlas deformed beyond the training range as the shifted test set's recipe draws it (half re-acquired on an
+oblique 0.9 x 0.9 x 3 mm grid), from another stream, so no case's brain or tumor is one the networks trained on.
 """
 import argparse
 import json
@@ -65,7 +66,9 @@ VOLUME_RANGE_CM3 = (2.0, 120.0)
 BRAINS = ("atlas", "shifted")
 # The shifted test set's anatomy (issue 9): beyond the training range, so no case's brain is a training brain.
 SHIFTED_ANATOMY = RECIPES["shifted"]["anatomy"]
-SHIFTED_STREAM = 9  # the anatomy draws' stream, apart from the tumors' (seed, index)
+# Streams of a shifted case (seed, index, stream): its brain's draw, and its tumor's (apart from the atlas case of
+# the same index, whose tumor is drawn from (seed, index): the two columns are independent cases).
+SHIFTED_ANATOMY_STREAM, SHIFTED_TUMOR_STREAM = 9, 10
 LATER_AGE_FACTOR = 1.5
 
 
@@ -80,27 +83,26 @@ class Cases:
             raise ValueError(f"unknown brain {brain!r}: choose one of {', '.join(BRAINS)}")
         self.seed, self.brain_kind = seed, brain
         self.atlas = load_atlas(1)
-        self._cached = {}
+        self._tissues = {}
 
     def anatomy(self, index: int):
         """Case index's anatomy draw (shifted brains only; another stream than the tumor's)."""
         from TumorPersonalizationLib.augment import draw_anatomy
 
-        return draw_anatomy(np.random.default_rng([self.seed, index, SHIFTED_STREAM]), SHIFTED_ANATOMY)
+        return draw_anatomy(np.random.default_rng([self.seed, index, SHIFTED_ANATOMY_STREAM]), SHIFTED_ANATOMY)
 
-    def brain_of(self, index: int):
-        """(tissue, its operator, brain mask) of case index; the last 5 cases' are kept (a block of tasks), as a
-        shifted brain takes ~10 s to build."""
+    def tissue_of(self, index: int):
+        """Case index's brain: the atlas, or its drawn deformation (~10 s to build; the last 5 are kept, a block of
+        tasks)."""
         from TumorPersonalizationLib.augment import apply_anatomy
-        from TumorPersonalizationLib.solver import TissueOperator
 
-        if index not in self._cached:
-            tissue = self.atlas if self.brain_kind == "atlas" else \
-                apply_anatomy(self.atlas, self.anatomy(index), SHIFTED_ANATOMY)
-            if len(self._cached) >= 5:
-                self._cached.pop(next(iter(self._cached)))
-            self._cached[index] = (tissue, TissueOperator(tissue), tissue.brain_mask)
-        return self._cached[index]
+        if self.brain_kind == "atlas":
+            return self.atlas
+        if index not in self._tissues:
+            if len(self._tissues) >= 5:
+                self._tissues.pop(next(iter(self._tissues)))
+            self._tissues[index] = apply_anatomy(self.atlas, self.anatomy(index), SHIFTED_ANATOMY)
+        return self._tissues[index]
 
     def get(self, index: int):
         """(truth parameters, c today, c at 1.5x age, info); made once and cached in data/ (stored as float16, and
@@ -111,8 +113,10 @@ class Cases:
             self._make(index, path)
         with np.load(path) as data:
             p = json.loads(str(data["parameters"]))
-            return (GrowthParameters.from_dict(p), data["today"].astype(np.float32),
-                    data["later"].astype(np.float32), p)
+            today, later = data["today"].astype(np.float32), data["later"].astype(np.float32)
+        if "anatomy" in p and not np.allclose(p["anatomy"]["matrix"], self.anatomy(index).matrix, atol=1e-9):
+            raise RuntimeError(f"{path.name} was grown on another brain than this code draws: delete it to regrow")
+        return GrowthParameters.from_dict(p), today, later, p
 
     def forward_seconds(self, index: int) -> Dict:
         """Wall time of one forward run of the true parameters at 1 mm as a user runs it, `simulate(tissue,
@@ -120,7 +124,7 @@ class Cases:
         this sitting, with the load average: the yardstick of 'no case over 4 forward runs'."""
         from TumorPersonalizationLib.solver import simulate
 
-        tissue, truth = self.brain_of(index)[0], self.get(index)[0]
+        tissue, truth = self.tissue_of(index), self.get(index)[0]
         times = []
         for _ in range(2):
             started = time.perf_counter()
@@ -133,9 +137,13 @@ class Cases:
 
         from TumorPersonalizationLib.solver import StepControl, simulate_tensor
 
-        rng = np.random.default_rng([self.seed, index])
+        from TumorPersonalizationLib.solver import TissueOperator
+
+        stream = [self.seed, index] + ([] if self.brain_kind == "atlas" else [SHIFTED_TUMOR_STREAM])
+        rng = np.random.default_rng(stream)
         prior = Prior(visible_volume_cm3=VOLUME_RANGE_CM3)
-        tissue, operator, _ = self.brain_of(index)
+        tissue = self.tissue_of(index)
+        operator = TissueOperator(tissue)
         candidates = np.argwhere(tissue.brain_fraction >= 0.5)
         voxel_cm3 = tissue.geometry.voxel_volume_mm3() / 1000.0
         for _ in range(50):
@@ -182,7 +190,8 @@ def segmentation_of(today: np.ndarray) -> np.ndarray:
 
 def run_task(cases: Cases, index: int, method: str, kind: str, forward: Dict):
     truth, today, later, info = cases.get(index)
-    tissue, _, brain = cases.brain_of(index)
+    tissue = cases.tissue_of(index)
+    brain = tissue.brain_mask
     labels = segmentation_of(today)
     if kind == "segmentation":
         observation = Observation.from_volume(tissue.volume(labels), "segmentation")
@@ -193,7 +202,8 @@ def run_task(cases: Cases, index: int, method: str, kind: str, forward: Dict):
     load_after = os.getloadavg()[0]
     p = result.parameters
     scores = compare(result.concentration.array, today, brain)
-    row = {"case": index, "method": method, "kind": kind, "brain": cases.brain_kind, "truth": info, "found": p.to_dict(),
+    row = {"case": index, "method": method, "kind": kind, "brain": cases.brain_kind, "truth": info,
+           "found": p.to_dict(),
            "metrics": scores, "seed_error_mm": float(np.linalg.norm(np.subtract(p.seed_ras_mm, truth.seed_ras_mm))),
            "mu_d_relative_error": abs(p.mu_d_mm - truth.mu_d_mm) / truth.mu_d_mm,
            "mu_rho_relative_error": abs(p.mu_rho - truth.mu_rho) / truth.mu_rho,
@@ -254,11 +264,11 @@ def report(seed: int):
     groups = {}
     for r in runs:
         groups.setdefault((r["method"], r["kind"], r.get("brain", "atlas")), []).append(r)
-    summary = {"seed": seed, "cases_grown_on": {
-                   "atlas": "bundled 1 mm atlas, steps / 4",
-                   "shifted": "per case, the 1 mm atlas deformed as the shifted test set's recipe draws (scales 1 "
-                              "+/- 10-15 %, rotations 15-25 deg, 4.5 mm displacement, half re-acquired on an oblique "
-                              "0.9 x 0.9 x 3 mm grid, border noise on half), steps / 4"},
+    summary = {"seed": seed, "cases_grown_on": "bundled 1 mm atlas, steps / 4",
+               "shifted_cases_grown_on": "per case, the 1 mm atlas deformed as the shifted test set's recipe draws "
+                                         "(scales 1 +/- 10-15 %, rotations 15-25 deg, 4.5 mm displacement, half "
+                                         "re-acquired on an oblique 0.9 x 0.9 x 3 mm grid, border noise on half), "
+                                         "steps / 4",
                "torch": torch.__version__,
                "threads": torch.get_num_threads(), "machine": "2-core CPU (development machine)", "methods": {}}
     for (method, kind, brain), rows in sorted(groups.items(), key=lambda item: (item[0][2], item[0][:2])):
@@ -324,7 +334,8 @@ def _pm(entry, key, scale=1.0, digits=3):
 
 def write_table(summary, path):
     lines = ["# Inversion benchmark (Table 1 layout)", "",
-             "Held-out synthetic tumors on the bundled 1 mm atlas (steps / 4); every method's final FD run on the "
+             "Held-out synthetic tumors on the bundled 1 mm atlas (steps / 4) and, in the rows marked 'shifted "
+             "brains', on the atlas deformed beyond the networks' training range; every method's final FD run on the "
              "1 mm grid against the hidden truth, inside the brain; mean ± standard error over cases. Wall time on "
              "this 2-core CPU (torch threads: {}); `clean` counts the runs whose timing was taken with a 1-minute "
              "load average < 2.5.".format(summary["threads"]), "",
@@ -400,7 +411,7 @@ def plot(groups, path):
         positions = [5 * offset + 1 + i for i in range(4)]
         axes[2].boxplot(values, positions=positions, showmeans=True)
         ticks += positions
-        tick_labels += [f"15 mm\n{brain}", f"blurred\nlabels", f"model\n({DEFAULT_METHOD})", "true\nparameters"]
+        tick_labels += [f"15 mm\n{brain}", "blurred\nlabels", f"model\n({DEFAULT_METHOD})", "true\nparameters"]
         counts.append(f"{len(rows)} {brain}")
     if ticks:
         axes[2].set_xticks(ticks, tick_labels, fontsize=7)
@@ -449,7 +460,8 @@ def main():
         row["seed"] = args.seed
         with open(RUNS, "a") as stream:
             stream.write(json.dumps(row) + "\n")
-        print(f"case {index} ({brain}) {method} ({kind}): NCC {row['metrics']['ncc']:.4f}, seed {row['seed_error_mm']:.1f} mm, "
+        print(f"case {index} ({brain}) {method} ({kind}): NCC {row['metrics']['ncc']:.4f}, "
+              f"seed {row['seed_error_mm']:.1f} mm, "
               f"mu_D {100 * row['mu_d_relative_error']:.0f} %, mu_rho {100 * row['mu_rho_relative_error']:.0f} %, "
               f"{row['runtime_s']:.1f} s (load {row['loadavg_after']:.1f}), coverage {row['coverage_model']:.3f} "
               f"vs 15 mm {row['coverage_standard']:.3f}", flush=True)

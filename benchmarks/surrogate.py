@@ -144,14 +144,23 @@ def main():
     if card["training_data"]["manifest_sha256"] == json.loads((args.test / "manifest.json").read_text())["sha256"]:
         raise SystemExit("the test set is the training set")
     tensors = to_tensors(arrays, scaling)
-    if args.part == "inverse":  # the surrogate's part from an earlier run of the same model on the same test set
-        results = json.loads(args.out.read_text())
-        if (results["model_sha256"], results["test_data"]) != (card["sha256"], str(args.test)):
-            raise SystemExit(f"{args.out} holds another model or test set: run both parts")
+    # The other part's results, kept from an earlier run on the same model and test set.
+    earlier = json.loads(args.out.read_text()) if args.out.exists() else None
+    same = earlier is not None and (earlier.get("model_sha256"), earlier.get("test_data")) == (card["sha256"],
+                                                                                            str(args.test))
+    if args.part == "inverse":
+        if not same:
+            raise SystemExit(f"{args.out} holds no surrogate results of this model on this test set: run --part "
+                             f"both (or surrogate) first")
+        results = earlier
     else:
         results = surrogate_part(args, model, card, arrays, tensors)
+        if args.part == "surrogate" and same:
+            results.update({k: v for k, v in earlier.items() if k.startswith("inverse")})
     predictions = None
     if args.part != "surrogate":
+        for key in ("inverse", "inverse_segmentation_input"):
+            results.pop(key, None)
         try:
             read_card(args.inverse)
         except Exception as error:  # not bundled: say so in the results instead of failing
