@@ -26,9 +26,11 @@ segmentation fits, the same on shifted brains, cma-surrogate on the first 20 cas
     python benchmarks/inversion.py --report-only               # JSON, Markdown table and plots from what is done
     python benchmarks/inversion.py --make-cases-only           # grow the cases first (untimed; may share the cores)
 
-Shifted brains (issue 9's second column): the same methods on --shifted-cases cases (default --cases) whose brain is
-the atlas deformed beyond the training range as the shifted test set's recipe draws it (half re-acquired on an
-oblique 0.9 x 0.9 x 3 mm grid), from another stream, so no case's brain or tumor is one the networks trained on.
+Other brains (issue 9): the same methods on --shifted-cases cases (default --cases) whose brain is the atlas deformed
+beyond the training range as the shifted test set's recipe draws it (half re-acquired on an oblique 0.9 x 0.9 x 3 mm
+grid), and on --nipype-cases cases (default 20) on another template brain from another segmentation tool
+(nipype_brain: the testbrain extra); each from its own streams, so no case's brain or tumor is one the networks
+trained on.
 """
 import argparse
 import json
@@ -63,12 +65,40 @@ CLEAN_LOAD = 2.5
 RUNS = ROOT / "benchmarks" / "inversion_runs.jsonl"
 CASE_DIR = ROOT / "data" / "inversion_cases"
 VOLUME_RANGE_CM3 = (2.0, 120.0)
-BRAINS = ("atlas", "shifted")
+BRAINS = ("atlas", "shifted", "nipype")
 # The shifted test set's anatomy (issue 9): beyond the training range, so no case's brain is a training brain.
 SHIFTED_ANATOMY = RECIPES["shifted"]["anatomy"]
 # Streams of a shifted case (seed, index, stream): its brain's draw, and its tumor's (apart from the atlas case of
 # the same index, whose tumor is drawn from (seed, index): the two columns are independent cases).
 SHIFTED_ANATOMY_STREAM, SHIFTED_TUMOR_STREAM = 9, 10
+NIPYPE_TUMOR_STREAM = 11
+BRAIN_NAMES = {"atlas": "atlas", "shifted": "shifted brains", "nipype": "nipype's 3 mm brain"}
+
+
+def nipype_brain():
+    """Another template brain, segmented by another tool: nipype's testing data (Apache-2.0; `pip install -e
+    '.[testbrain]'`, read offline) holds partial-volume maps of an MNI152-like brain at 3 mm (61 x 73 x 61): tpm_00
+    CSF, tpm_01 WM, tpm_02 GM, as its label map segmentation0 (1 CSF, 2 GM, 3 WM) says (checked here). Resampled
+    to 1 mm, as the atlas cases are grown. Its header's origin is not MNI's, which the growth model does not mind."""
+    import importlib.util
+
+    import SimpleITK as sitk
+
+    from TumorPersonalizationLib.tissue import Tissue
+
+    spec = importlib.util.find_spec("nipype")
+    if spec is None:
+        raise SystemExit("cases on the nipype brain need nipype's testing data: pip install -e '.[testbrain]' "
+                         "(or --nipype-cases 0)")
+    data = Path(list(spec.submodule_search_locations)[0]) / "testing" / "data"
+    csf, wm, gm = (sitk.ReadImage(str(data / f"tpm_0{n}.nii.gz")) for n in range(3))
+    tissue = Tissue.from_probabilities(wm, gm, csf)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(data / "segmentation0.nii.gz")))
+    classes = np.argmax(np.stack([tissue.csf, tissue.gm, tissue.wm]), axis=0) + 1
+    inside = labels > 0
+    if np.mean(classes[inside] == labels[inside]) < 0.9:
+        raise RuntimeError("nipype's tissue maps no longer match its label map: check which map is which tissue")
+    return tissue.resample(1.0)
 LATER_AGE_FACTOR = 1.5
 
 
@@ -98,6 +128,10 @@ class Cases:
 
         if self.brain_kind == "atlas":
             return self.atlas
+        if self.brain_kind == "nipype":
+            if "nipype" not in self._tissues:
+                self._tissues["nipype"] = nipype_brain()
+            return self._tissues["nipype"]
         if index not in self._tissues:
             if len(self._tissues) >= 5:
                 self._tissues.pop(next(iter(self._tissues)))
@@ -139,7 +173,8 @@ class Cases:
 
         from TumorPersonalizationLib.solver import TissueOperator
 
-        stream = [self.seed, index] + ([] if self.brain_kind == "atlas" else [SHIFTED_TUMOR_STREAM])
+        stream = [self.seed, index] + {"atlas": [], "shifted": [SHIFTED_TUMOR_STREAM],
+                                       "nipype": [NIPYPE_TUMOR_STREAM]}[self.brain_kind]
         rng = np.random.default_rng(stream)
         prior = Prior(visible_volume_cm3=VOLUME_RANGE_CM3)
         tissue = self.tissue_of(index)
@@ -220,23 +255,24 @@ def run_task(cases: Cases, index: int, method: str, kind: str, forward: Dict):
     return row
 
 
-def tasks(count: int, shifted_count: int = 0):
-    """(case, method, input kind, brain) in the order they run."""
-    out = [(i, m, "concentration", "atlas") for i in range(count) for m in FAST_METHODS]
-    out += [(i, m, "segmentation", "atlas") for i in range(count) for m in SEGMENTATION_METHODS]
-    out += [(i, m, "concentration", "shifted") for i in range(shifted_count) for m in FAST_METHODS]
-    out += [(i, m, "segmentation", "shifted") for i in range(shifted_count) for m in SEGMENTATION_METHODS]
+def tasks(count: int, other_counts: Dict[str, int] = None):
+    """(case, method, input kind, brain) in the order they run; other_counts: cases per brain other than the atlas."""
+    counts = {"atlas": count, **(other_counts or {})}
+    out = []
+    for brain in BRAINS:
+        out += [(i, m, "concentration", brain) for i in range(counts.get(brain, 0)) for m in FAST_METHODS]
+        out += [(i, m, "segmentation", brain) for i in range(counts.get(brain, 0)) for m in SEGMENTATION_METHODS]
     out += [(i, "cma-surrogate", "concentration", "atlas") for i in range(min(count, 20))]
     out += [(i, "cma-solver", "concentration", "atlas") for i in range(min(count, 5))]
-    # In blocks of 5 cases (fast methods, the segmentation fit, the same on shifted brains, then cma-surrogate),
+    # In blocks of 5 cases (fast methods, the segmentation fit, the same on the other brains, then cma-surrogate),
     # with the slow cma-solver run of case i at the end of block i: a sitting that stops early still has every
     # method on its first cases. A case's methods run one after another (its brain is built once).
-    priority = {"cma-surrogate": 4, "cma-solver": 5}
+    priority = {"cma-surrogate": 2 * len(BRAINS), "cma-solver": 2 * len(BRAINS) + 1}
 
     def order(task):
         index, method, kind, brain = task
         block = index if method == "cma-solver" else index // 5
-        rank = priority.get(method, (1 if kind == "segmentation" else 0) + (2 if brain == "shifted" else 0))
+        rank = priority.get(method, (1 if kind == "segmentation" else 0) + 2 * BRAINS.index(brain))
         return block, rank, index, FAST_METHODS.index(method) if method in FAST_METHODS else 0, kind
 
     return sorted(out, key=order)
@@ -265,6 +301,8 @@ def report(seed: int):
     for r in runs:
         groups.setdefault((r["method"], r["kind"], r.get("brain", "atlas")), []).append(r)
     summary = {"seed": seed, "cases_grown_on": "bundled 1 mm atlas, steps / 4",
+               "nipype_cases_grown_on": "nipype's testing-data brain (3 mm partial-volume maps of an MNI152-like "
+                                        "template, another segmentation tool) resampled to 1 mm, steps / 4",
                "shifted_cases_grown_on": "per case, the 1 mm atlas deformed as the shifted test set's recipe draws "
                                          "(scales 1 +/- 10-15 %, rotations 15-25 deg, 4.5 mm displacement, half "
                                          "re-acquired on an oblique 0.9 x 0.9 x 3 mm grid, border noise on half), "
@@ -324,7 +362,7 @@ def report(seed: int):
 
 
 def group_name(method: str, kind: str, brain: str) -> str:
-    return f"{method} ({kind})" if brain == "atlas" else f"{method} ({kind}, shifted brains)"
+    return f"{method} ({kind})" if brain == "atlas" else f"{method} ({kind}, {BRAIN_NAMES[brain]})"
 
 
 def _pm(entry, key, scale=1.0, digits=3):
@@ -334,8 +372,9 @@ def _pm(entry, key, scale=1.0, digits=3):
 
 def write_table(summary, path):
     lines = ["# Inversion benchmark (Table 1 layout)", "",
-             "Held-out synthetic tumors on the bundled 1 mm atlas (steps / 4) and, in the rows marked 'shifted "
-             "brains', on the atlas deformed beyond the networks' training range; every method's final FD run on the "
+             "Held-out synthetic tumors on the bundled 1 mm atlas (steps / 4); in the rows marked 'shifted brains', "
+             "on the atlas deformed beyond the networks' training range, and in those marked 'nipype's 3 mm brain', "
+             "on another template brain segmented by another tool; every method's final FD run on the "
              "1 mm grid against the hidden truth, inside the brain; mean ± standard error over cases. Wall time on "
              "this 2-core CPU (torch threads: {}); `clean` counts the runs whose timing was taken with a 1-minute "
              "load average < 2.5.".format(summary["threads"]), "",
@@ -428,6 +467,8 @@ def main():
     parser.add_argument("--seed", type=int, default=2026, help="random stream of the cases (training used 0, the "
                                                                  "surrogate test set 1000)")
     parser.add_argument("--shifted-cases", type=int, help="cases on shifted brains (default: --cases)")
+    parser.add_argument("--nipype-cases", type=int, default=20, help="cases on nipype's 3 mm template brain (needs "
+                                                                      "the testbrain extra; 0: none)")
     parser.add_argument("--hours", type=float, default=1.5, help="stop starting new tasks after this long")
     parser.add_argument("--only", help="run only this method")
     parser.add_argument("--report-only", action="store_true")
@@ -442,13 +483,14 @@ def main():
     cases = {brain: Cases(args.seed, brain) for brain in BRAINS}
     started = time.perf_counter()
     forwards = {}
-    shifted_count = args.cases if args.shifted_cases is None else args.shifted_cases
+    other_counts = {"shifted": args.cases if args.shifted_cases is None else args.shifted_cases,
+                    "nipype": args.nipype_cases}
     if args.make_cases_only:
-        for brain, count in (("atlas", args.cases), ("shifted", shifted_count)):
+        for brain, count in {"atlas": args.cases, **other_counts}.items():
             for index in tqdm(range(count), desc=f"cases on {brain} brains"):
                 cases[brain].get(index)
         return
-    for index, method, kind, brain in tasks(args.cases, shifted_count):
+    for index, method, kind, brain in tasks(args.cases, other_counts):
         if (index, method, kind, brain) in done or (args.only and method != args.only):
             continue
         if time.perf_counter() - started > args.hours * 3600:
