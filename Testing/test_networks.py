@@ -151,6 +151,48 @@ def test_second_stage_starts_from_registered_weights(tmp_path):
     with pytest.raises(InputError, match="another design"):
         train(dict(second_recipe, name="stage3", config=dict(TINY, widths=[4, 8, 16])), tmp_path / "run3",
               models_directory=models)
+    with pytest.raises(InputError, match="seed_field_scale must be"):  # fields and seed in other units
+        train(dict(second_recipe, name="stage4", config=dict(TINY, seed_fields=True, seed_field_scale=7.0)),
+              tmp_path / "run4", models_directory=models)
+
+
+def test_seed_fields_are_each_voxels_position_relative_to_the_seed():
+    """Known answer on a 4^3 frame: voxel centres at (i - 1.5) / 2 in units of the half side, minus the seed; the
+    squared distance beside; and a gradient that reaches the seed through every voxel."""
+    from TumorPersonalizationLib.surrogate import seed_fields
+
+    seed = torch.tensor([[0.5, 0.0, -0.25]], requires_grad=True)
+    fields = seed_fields(seed, 4, 1.0)
+    assert fields.shape == (1, 4, 4, 4, 4)
+    centres = torch.tensor([-0.75, -0.25, 0.25, 0.75])
+    assert torch.allclose(fields[0, 0, 0, 0, :], centres - 0.5)  # x runs along i
+    assert torch.allclose(fields[0, 1, 0, :, 0], centres)  # y along j
+    assert torch.allclose(fields[0, 2, :, 0, 0], centres + 0.25)  # z along k
+    assert torch.allclose(fields[0, 3], fields[0, 0] ** 2 + fields[0, 1] ** 2 + fields[0, 2] ** 2)
+    (fields[0, 3] * torch.rand(4, 4, 4)).sum().backward()
+    assert torch.all(seed.grad.abs() > 0)
+
+
+def test_a_network_with_seed_fields_starts_as_the_one_it_grows_from():
+    """Retraining with seed fields from weights without them: the new inputs get zero weights, so the first step
+    starts from the old function exactly; any other change of design is refused."""
+    from TumorPersonalizationLib.training import load_initial_weights
+
+    torch.manual_seed(1)
+    old = SurrogateUNet(SurrogateConfig.from_dict(TINY))
+    grown_config = dict(TINY, seed_fields=True, seed_field_scale=1.0)
+    grown = SurrogateUNet(SurrogateConfig.from_dict(grown_config))
+    load_initial_weights(grown, old, TINY, grown_config, "old")
+    tissue, parameters = torch.rand(3, 3, 16, 16, 16), torch.rand(3, 5) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(grown(tissue, parameters), old(tissue, parameters), atol=1e-6)
+        # ... and, unlike the old one, it can now see where the seed is: a nudge of the field weights moves it.
+        grown.merge[0].weight[:, -4:] += 0.1
+        moved = grown(tissue, parameters) - grown(tissue, parameters * torch.tensor([-1.0, 1, 1, 1, 1]))
+    assert float(moved.abs().max()) > 1e-4
+    with pytest.raises(InputError, match="another design"):
+        load_initial_weights(SurrogateUNet(SurrogateConfig.from_dict(dict(TINY, widths=[4, 8, 16]))), old, TINY,
+                             dict(TINY, widths=[4, 8, 16]), "old")
 
 
 def reproduce_check_samples(name, directory=None):

@@ -40,9 +40,44 @@ class NetworkConfig:
 
 @dataclass(frozen=True)
 class SurrogateConfig(NetworkConfig):
-    """Surrogate input: WM, GM, CSF."""
+    """Surrogate input: WM, GM, CSF.
+
+    seed_fields: the seed also enters as fields of each voxel's position relative to it (x, y, z and squared
+    distance, in the frame's [-1, 1] units; seed_field_scale = cube_mm / (2 * seed_offset_half_range_mm) converts
+    the normalised seed offset to them), concatenated at the bottleneck and every decoder level. Added channel-wise
+    at the bottleneck only, as the first networks have it, a seed offset is a spatially uniform signal the decoder
+    can turn into a position only through the borders' zero padding: moving their seed 12 mm moved their tumor by
+    < 1 mm.
+    """
 
     bottleneck_blocks: int = 1  # ConvNeXt blocks after the parameter injection (cheap: the coarsest grid)
+    seed_fields: bool = False
+    seed_field_scale: float = 1.0
+
+    def to_dict(self) -> Dict:
+        out = super().to_dict()
+        if not self.seed_fields:  # the cards of networks without them keep their configuration as it was
+            out.pop("seed_fields")
+            out.pop("seed_field_scale")
+        return out
+
+
+SEED_FIELD_CHANNELS = 4  # x, y, z relative to the seed and the squared distance
+
+
+def seed_fields(seed_normalised: torch.Tensor, grid: int, scale: float) -> torch.Tensor:
+    """(B, 3) normalised seed offsets (RAS x, y, z) -> (B, 4, grid, grid, grid) fields on a RAS-aligned frame grid
+    (axes k, j, i = z, y, x): each voxel centre's position minus the seed's, in units of the frame's half side, and
+    the squared distance. Linear in the seed, so its gradient reaches the seed everywhere."""
+    centres = (torch.arange(grid, dtype=seed_normalised.dtype, device=seed_normalised.device) - (grid - 1) / 2.0) \
+        * (2.0 / grid)
+    seed = seed_normalised * scale
+    dx = centres.view(1, 1, 1, -1) - seed[:, 0].view(-1, 1, 1, 1)
+    dy = centres.view(1, 1, -1, 1) - seed[:, 1].view(-1, 1, 1, 1)
+    dz = centres.view(1, -1, 1, 1) - seed[:, 2].view(-1, 1, 1, 1)
+    shape = (seed.shape[0], grid, grid, grid)
+    dx, dy, dz = dx.expand(shape), dy.expand(shape), dz.expand(shape)
+    return torch.stack([dx, dy, dz, dx * dx + dy * dy + dz * dz], dim=1)
 
 
 class ChannelLayerNorm(nn.Module):
@@ -116,7 +151,14 @@ class SurrogateUNet(nn.Module):
         self.bottleneck = _stage(bottleneck, config.bottleneck_blocks, config.kernel_size)
         self.upsample = nn.ModuleList([nn.ConvTranspose3d(b, a, 2, stride=2)
                                        for a, b in zip(widths[:-1], widths[1:])])
-        self.merge = nn.ModuleList([nn.Conv3d(2 * a, a, 1) for a in widths[:-1]])
+        fields = SEED_FIELD_CHANNELS if config.seed_fields else 0
+        self.merge = nn.ModuleList([nn.Conv3d(2 * a + fields, a, 1) for a in widths[:-1]])
+        if config.seed_fields:
+            # Starts at zero: the network begins as the one without fields (a retraining from its weights starts
+            # from its function) and learns how much of the seed's position to use.
+            self.seed_projection = nn.Conv3d(SEED_FIELD_CHANNELS, bottleneck, 1)
+            nn.init.zeros_(self.seed_projection.weight)
+            nn.init.zeros_(self.seed_projection.bias)
         self.decoder = nn.ModuleList([_stage(a, config.blocks_per_level, config.kernel_size) for a in widths[:-1]])
         self.head = nn.Conv3d(widths[0], 1, 1)
 
@@ -140,10 +182,16 @@ class SurrogateUNet(nn.Module):
         if x.shape[0] != batch:
             x, skips = x.expand(batch, -1, -1, -1, -1), [s.expand(batch, -1, -1, -1, -1) for s in skips]
         x = x + self.parameter_mlp(parameters)[:, :, None, None, None]
+        config = self.config
+        if config.seed_fields:
+            x = x + self.seed_projection(seed_fields(parameters[:, :3], x.shape[-1], config.seed_field_scale))
         x = self.bottleneck(x)
         for level in reversed(range(len(self.upsample))):
             x = self.upsample[level](x)
-            x = self.merge[level](torch.cat([x, skips[level]], dim=1))
+            features = [x, skips[level]]
+            if config.seed_fields:
+                features.append(seed_fields(parameters[:, :3], x.shape[-1], config.seed_field_scale))
+            x = self.merge[level](torch.cat(features, dim=1))
             x = self.decoder[level](x)
         return self.head(x)[:, 0]
 

@@ -109,6 +109,35 @@ def evaluate_inverse(model, tensors, scaling: ParameterScaling, device="cpu", ba
     return summarise(rows, worst_is_low=set())
 
 
+def load_initial_weights(model, start, start_config: Dict, config: Dict, start_name: str) -> None:
+    """Copy a registered network's weights into a new one of the same design, or of the same design plus seed
+    fields (surrogate.SurrogateConfig.seed_fields): then the layers that read the fields get zero weights for them,
+    so the new network starts as exactly the old function. InputError for any other difference."""
+    added = {k: v for k, v in config.items() if start_config.get(k) != v}
+    grows = set(added) <= {"seed_fields", "seed_field_scale"} and config.get("seed_fields") \
+        and not start_config.get("seed_fields") and set(start_config) <= set(config)
+    if added and not grows:
+        raise InputError(f"initial weights {start_name} have another design ({sorted(added)} differ)")
+    target, source = model.state_dict(), start.state_dict()
+    for key, value in target.items():
+        if key not in source:
+            continue  # a layer only the new design has (its own initialisation)
+        old = source[key]
+        if old.shape == value.shape:
+            value.copy_(old)
+        elif grows and old.dim() == value.dim() and old.shape[0] == value.shape[0] and old.shape[1] < value.shape[1] \
+                and old.shape[2:] == value.shape[2:]:
+            value.zero_()
+            value[:, :old.shape[1]].copy_(old)  # the fields are the last input channels
+        else:
+            raise InputError(f"initial weights {start_name}: {key} has shape {tuple(old.shape)}, the new network "
+                             f"{tuple(value.shape)}")
+    missing = set(source) - set(target)
+    if missing:
+        raise InputError(f"initial weights {start_name} hold layers the new network lacks: {sorted(missing)[:3]}")
+    model.load_state_dict(target)
+
+
 def build(recipe: Dict):
     from .registry import _build
 
@@ -133,6 +162,14 @@ def train(recipe: Dict, work_dir, device="cpu", progress: Optional[ProgressCallb
     grid = int(recipe["config"]["grid"])
     if data["tissue"].shape[-1] != grid:
         raise InputError(f"dataset {recipe['train_data']} has grid {data['tissue'].shape[-1]}, recipe wants {grid}")
+    if recipe["config"].get("seed_fields"):
+        # The fields place voxels in units of the frame's half side, the seed in units of its offset range.
+        manifest = json.loads((Path(recipe["train_data"]) / "manifest.json").read_text())
+        cube_mm = manifest["surrogate_geometry"]["cube_mm"]
+        expected = cube_mm / (2.0 * scaling.seed_offset_half_range_mm)
+        if abs(recipe["config"].get("seed_field_scale", 1.0) - expected) > 1e-9:
+            raise InputError(f"seed_field_scale must be cube_mm / (2 * seed_offset_half_range_mm) = {expected:g} for "
+                             f"{recipe['train_data']}")
     tensors = to_tensors(data, scaling)
     count = len(tensors["tissue"])
     order = torch.randperm(count, generator=torch.Generator().manual_seed(recipe.get("seed", 0)))
@@ -148,9 +185,7 @@ def train(recipe: Dict, work_dir, device="cpu", progress: Optional[ProgressCallb
 
         start, start_card = load_model(recipe["initial_weights"], kind=recipe["kind"], grid=grid,
                                        directory=models_directory)
-        if start_card["config"] != recipe["config"]:
-            raise InputError(f"initial weights {recipe['initial_weights']} have another design than {recipe['name']}")
-        model.load_state_dict(start.state_dict())
+        load_initial_weights(model, start, start_card["config"], recipe["config"], recipe["initial_weights"])
         initial = {"name": recipe["initial_weights"], "sha256": start_card["sha256"],
                    "wall_time_s": start_card.get("total_wall_time_s", start_card["wall_time_s"]),
                    "epochs": start_card.get("total_epochs", start_card["epochs"])}
