@@ -46,9 +46,13 @@ def test_parameter_scaling_round_trip_numpy_and_torch():
     np.testing.assert_allclose(scaling.normalise(np.zeros(3), np.array(16.0), np.array(5.0)), [0, 0, 0, 0, 0])
 
 
-def test_surrogate_is_differentiable_in_its_parameters():
+FIELDS = dict(TINY, seed_fields=True, seed_field_scale=1.0)
+
+
+@pytest.mark.parametrize("config", [TINY, FIELDS], ids=["offset only", "seed fields"])
+def test_surrogate_is_differentiable_in_its_parameters(config):
     torch.manual_seed(1)
-    model = SurrogateUNet(SurrogateConfig.from_dict(TINY)).double().eval()
+    model = SurrogateUNet(SurrogateConfig.from_dict(config)).double().eval()
     tissue = torch.rand(1, 3, 16, 16, 16, dtype=torch.float64)
     target = torch.rand(1, 16, 16, 16, dtype=torch.float64)
     mask = torch.ones_like(target)
@@ -64,11 +68,12 @@ def test_surrogate_is_differentiable_in_its_parameters():
         assert float(gradient[0, n]) == pytest.approx(float(numeric), rel=1e-4, abs=1e-12)
 
 
-def test_encoding_the_tissue_once_gives_the_same_prediction_and_gradient():
+@pytest.mark.parametrize("config", [TINY, FIELDS], ids=["offset only", "seed fields"])
+def test_encoding_the_tissue_once_gives_the_same_prediction_and_gradient(config):
     """A search encodes its tumor's tissue once and decodes every candidate (inversion.SurrogateModel): the same
     logits as the whole network, for a batch sharing one encoding, and the same gradient in the parameters."""
     torch.manual_seed(5)
-    model = SurrogateUNet(SurrogateConfig.from_dict(dict(TINY, widths=[4, 8, 8]))).double().eval()
+    model = SurrogateUNet(SurrogateConfig.from_dict(config)).double().eval()
     tissue = torch.rand(1, 3, 16, 16, 16, dtype=torch.float64)
     parameters = torch.rand(3, 5, dtype=torch.float64) * 2 - 1
     with torch.no_grad():
