@@ -144,6 +144,16 @@ def test_block_mean_is_the_mean_of_each_block():
         block_mean(np.zeros((1, 4, 4)), (2, 2, 2), (1, 2, 2))
 
 
+def test_mask_box_is_the_bounding_box_grown_and_clipped():
+    from TumorPersonalizationLib.geometry import mask_box
+
+    mask = np.zeros((6, 7, 8), bool)
+    mask[1, 2:4, 5] = True
+    assert mask_box(mask) == (slice(1, 2), slice(2, 4), slice(5, 6))
+    assert mask_box(mask, 2) == (slice(0, 4), slice(0, 6), slice(3, 8))  # clipped at both ends
+    assert mask_box(mask, [0, 1, 3]) == (slice(1, 2), slice(1, 5), slice(2, 8))
+
+
 def test_mirroring_swaps_hemispheres():
     wm = np.zeros((2, 2, 6), np.float32)
     wm[..., :2] = 1.0

@@ -260,3 +260,17 @@ def test_blurred_labels_in_their_box_equal_the_whole_image_blur_bit_for_bit():
         expected = np.clip(gaussian_filter(labels, [2.0 / s for s in spacing]), 0.0, 1.0)
         np.testing.assert_array_equal(labels_pseudo_concentration(visible, core, spacing), expected)
     assert not labels_pseudo_concentration(np.zeros((5, 5, 5), bool), np.zeros((5, 5, 5), bool), (1, 1, 1)).any()
+
+
+def test_a_tumor_in_two_pieces_is_reported_also_at_the_image_face():
+    """The components are counted in the tumor's box grown by a voxel (clipped at the image): two pieces, one on
+    the image's first slice, give the warning; one piece does not."""
+    from TumorPersonalizationLib.pipeline import _observation_warnings
+
+    tissue = make_tissue(np.ones((20, 20, 20)), spacing=(2.0, 2.0, 2.0))
+    visible = np.zeros(tissue.geometry.shape_kji, bool)
+    visible[0:3, 2:5, 2:5] = True  # 27 voxels of 8 mm^3: 0.216 cm^3
+    one = _observation_warnings(tissue, visible, visible)
+    assert not any("components" in w for w in one)
+    visible[10:13, 10:13, 10:13] = True
+    assert any("2 separate components" in w for w in _observation_warnings(tissue, visible, visible))

@@ -193,6 +193,14 @@ def mask_bounds(mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return np.array(low), np.array(high)
 
 
+def mask_box(mask: np.ndarray, margin=0) -> Tuple[slice, ...]:
+    """Slices of a non-empty mask's bounding box grown by margin voxels (one number, or one per axis), clipped to
+    the array: where work on a sparse mask (a tumor, a brain with margins) can be confined."""
+    low, high = mask_bounds(mask)
+    margin = np.broadcast_to(np.asarray(margin, dtype=int), low.shape)
+    return tuple(slice(int(max(a - m, 0)), int(min(b + m, n))) for a, b, m, n in zip(low, high, margin, mask.shape))
+
+
 def crop_with_padding(array: np.ndarray, box_kji, fill: float = 0.0) -> np.ndarray:
     out = np.full(tuple(b - a for a, b in box_kji), fill, dtype=array.dtype)
     src, dst = [], []

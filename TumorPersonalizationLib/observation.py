@@ -26,7 +26,7 @@ import numpy as np
 
 from .constants import CORE_THRESHOLD, EDEMA_THRESHOLD
 from .errors import InputError
-from .geometry import Geometry, Volume, mask_bounds, resample_fraction, resample_linear
+from .geometry import Geometry, Volume, mask_box, resample_fraction, resample_linear
 
 KINDS = ("concentration", "segmentation")
 
@@ -197,11 +197,10 @@ class GriddedObservation:
         if not np.any(support):
             raise InputError("the observation shows no visible tumor" if visible_only else
                              "the observation holds no tumor")
-        low, high = mask_bounds(support)
-        box = tuple(slice(a, b) for a, b in zip(low, high))
+        box = mask_box(support)
         # Summed in float64 (cheap in the box): a float32 sum put a centre meant to be a voxel boundary 2e-7 short of
         # it, and the frame, which snaps to the grid, a whole voxel off.
-        centre_kji = np.asarray(center_of_mass(weights[box].astype(np.float64)), np.float64) + low
+        centre_kji = np.asarray(center_of_mass(weights[box].astype(np.float64)), np.float64) + [b.start for b in box]
         return self.geometry.index_kji_to_ras(centre_kji)
 
     # ---- the data loss ---------------------------------------------------------------------------------------
@@ -264,8 +263,6 @@ def labels_pseudo_concentration(visible: np.ndarray, core: np.ndarray, spacing_k
     # every pass then reads only zeros beyond the box and in what its borders reflect, so the box holds exactly the
     # whole image's result (bit for bit: the same sums) and the rest is 0, for a fraction of the work (a 1 mm image
     # took 0.16 s a blur, three times per personalisation).
-    radius = [int(4.0 * s + 0.5) + 1 for s in sigma]
-    low, high = mask_bounds(labels > 0)
-    box = tuple(slice(max(a - r, 0), min(b + r, n)) for a, b, r, n in zip(low, high, radius, labels.shape))
+    box = mask_box(labels > 0, [int(4.0 * s + 0.5) + 1 for s in sigma])
     out[box] = np.clip(gaussian_filter(labels[box], sigma), 0.0, 1.0)
     return out

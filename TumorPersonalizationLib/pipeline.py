@@ -22,7 +22,7 @@ import numpy as np
 
 from .constants import DEFAULT_METHOD, DEFAULT_WORKING_SPACING_MM, METHODS, STANDARD_MARGIN_MM
 from .errors import InputError
-from .geometry import Volume, mask_bounds
+from .geometry import Volume, mask_box
 from .inversion import InversionOptions, Problem, SearchSpace, run_method
 from .metrics import compare, dice
 from .observation import GriddedObservation, Observation
@@ -181,7 +181,7 @@ def _observation_warnings(tissue: Tissue, visible: np.ndarray, in_brain: np.ndar
         warnings.append(f"{100 * outside:.0f} % of the visible tumor lies outside grey/white matter (ignored)")
     # Labelled in the tumor's bounding box (one voxel of padding keeps components apart at its faces): the same
     # components as the whole grid, at a fraction of the cost on a 1 mm brain.
-    box = tuple(slice(max(int(a) - 1, 0), int(b) + 1) for a, b in zip(*mask_bounds(visible)))
+    box = mask_box(visible, 1)
     components, count = label(visible[box])
     if count > 1:
         sizes = np.bincount(components.ravel())[1:] * tissue.geometry.voxel_volume_mm3() / 1000.0
