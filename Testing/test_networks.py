@@ -198,6 +198,9 @@ def test_a_network_with_seed_fields_starts_as_the_one_it_grows_from():
     with pytest.raises(InputError, match="another design"):
         load_initial_weights(SurrogateUNet(SurrogateConfig.from_dict(dict(TINY, widths=[4, 8, 16]))), old, TINY,
                              dict(TINY, widths=[4, 8, 16]), "old")
+    with pytest.raises(InputError, match="another design"):  # a key only the start's design has is a difference
+        load_initial_weights(SurrogateUNet(SurrogateConfig.from_dict(TINY)), old, dict(TINY, bottleneck_blocks=2),
+                             TINY, "old")
 
 
 def reproduce_check_samples(name, directory=None):

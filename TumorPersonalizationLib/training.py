@@ -113,11 +113,12 @@ def load_initial_weights(model, start, start_config: Dict, config: Dict, start_n
     """Copy a registered network's weights into a new one of the same design, or of the same design plus seed
     fields (surrogate.SurrogateConfig.seed_fields): then the layers that read the fields get zero weights for them,
     so the new network starts as exactly the old function. InputError for any other difference."""
-    added = {k: v for k, v in config.items() if start_config.get(k) != v}
-    grows = set(added) <= {"seed_fields", "seed_field_scale"} and config.get("seed_fields") \
-        and not start_config.get("seed_fields") and set(start_config) <= set(config)
-    if added and not grows:
-        raise InputError(f"initial weights {start_name} have another design ({sorted(added)} differ)")
+    # Every key either side has (a key only the start has is a difference too, as in the plain equality this was).
+    differ = {k for k in set(config) | set(start_config) if config.get(k) != start_config.get(k)}
+    grows = differ <= {"seed_fields", "seed_field_scale"} and bool(config.get("seed_fields")) \
+        and not start_config.get("seed_fields")
+    if differ and not grows:
+        raise InputError(f"initial weights {start_name} have another design ({sorted(differ)} differ)")
     target, source = model.state_dict(), start.state_dict()
     for key, value in target.items():
         if key not in source:
@@ -159,12 +160,12 @@ def train(recipe: Dict, work_dir, device="cpu", progress: Optional[ProgressCallb
     torch.manual_seed(recipe.get("seed", 0))
     scaling = ParameterScaling.from_dict(recipe.get("scaling", ParameterScaling().to_dict()))
     data = load_dataset(recipe["train_data"])
+    manifest = json.loads((Path(recipe["train_data"]) / "manifest.json").read_text())
     grid = int(recipe["config"]["grid"])
     if data["tissue"].shape[-1] != grid:
         raise InputError(f"dataset {recipe['train_data']} has grid {data['tissue'].shape[-1]}, recipe wants {grid}")
     if recipe["config"].get("seed_fields"):
         # The fields place voxels in units of the frame's half side, the seed in units of its offset range.
-        manifest = json.loads((Path(recipe["train_data"]) / "manifest.json").read_text())
         cube_mm = manifest["surrogate_geometry"]["cube_mm"]
         expected = cube_mm / (2.0 * scaling.seed_offset_half_range_mm)
         if abs(recipe["config"].get("seed_field_scale", 1.0) - expected) > 1e-9:
@@ -257,7 +258,6 @@ def train(recipe: Dict, work_dir, device="cpu", progress: Optional[ProgressCallb
         if recipe["kind"] == "inverse" and "segmentation_input" in test:
             segmentation_metrics = evaluate_inverse(model, test, scaling, device, tumor_input="segmentation_input")
         check = _write_check_samples(model, recipe, test_arrays, scaling, device, models_directory)
-    manifest = json.loads((Path(recipe["train_data"]) / "manifest.json").read_text())
     card = {
         "name": recipe["name"], "kind": recipe["kind"], "config": recipe["config"],
         "grid": grid, "spacing_mm": manifest["surrogate_geometry"]["spacing_mm"],
