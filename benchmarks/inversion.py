@@ -73,6 +73,7 @@ SHIFTED_ANATOMY = RECIPES["shifted"]["anatomy"]
 SHIFTED_ANATOMY_STREAM, SHIFTED_TUMOR_STREAM = 9, 10
 NIPYPE_TUMOR_STREAM = 11
 BRAIN_NAMES = {"atlas": "atlas", "shifted": "shifted brains", "nipype": "nipype's 3 mm brain"}
+LATER_AGE_FACTOR = 1.5
 
 
 def nipype_brain():
@@ -99,14 +100,14 @@ def nipype_brain():
     if np.mean(classes[inside] == labels[inside]) < 0.9:
         raise RuntimeError("nipype's tissue maps no longer match its label map: check which map is which tissue")
     return tissue.resample(1.0)
-LATER_AGE_FACTOR = 1.5
 
 
 # ---- cases -------------------------------------------------------------------------------------------------------
 class Cases:
-    """The held-out cases of one random stream on one kind of brain: "atlas" (the bundled 1 mm atlas) or "shifted"
+    """The held-out cases of one random stream on one kind of brain: "atlas" (the bundled 1 mm atlas), "shifted"
     (per case, the atlas deformed beyond the training range and, for half the cases, re-acquired on an oblique
-    0.9 x 0.9 x 3 mm grid: the shifted test set's anatomy prior, drawn from the case's own stream)."""
+    0.9 x 0.9 x 3 mm grid: the shifted test set's anatomy prior, drawn from the case's own stream) or "nipype"
+    (nipype_brain, the same for every case)."""
 
     def __init__(self, seed: int, brain: str = "atlas"):
         if brain not in BRAINS:
@@ -122,8 +123,8 @@ class Cases:
         return draw_anatomy(np.random.default_rng([self.seed, index, SHIFTED_ANATOMY_STREAM]), SHIFTED_ANATOMY)
 
     def tissue_of(self, index: int):
-        """Case index's brain: the atlas, or its drawn deformation (~10 s to build; the last 5 are kept, a block of
-        tasks)."""
+        """Case index's brain: the atlas, nipype's brain (built once), or the case's drawn deformation of the atlas
+        (~10 s to build; the last 5 are kept, a block of tasks)."""
         from TumorPersonalizationLib.augment import apply_anatomy
 
         if self.brain_kind == "atlas":
@@ -169,9 +170,7 @@ class Cases:
     def _make(self, index: int, path: Path) -> None:
         import torch
 
-        from TumorPersonalizationLib.solver import StepControl, simulate_tensor
-
-        from TumorPersonalizationLib.solver import TissueOperator
+        from TumorPersonalizationLib.solver import StepControl, TissueOperator, simulate_tensor
 
         stream = [self.seed, index] + {"atlas": [], "shifted": [SHIFTED_TUMOR_STREAM],
                                        "nipype": [NIPYPE_TUMOR_STREAM]}[self.brain_kind]
@@ -278,9 +277,14 @@ def tasks(count: int, other_counts: Dict[str, int] = None):
     return sorted(out, key=order)
 
 
+def brain_of(row) -> str:
+    """A run's brain: rows from before the other brains' columns have none (the atlas)."""
+    return row.get("brain", "atlas")
+
+
 def row_key(row):
-    """A run's task: rows from before the shifted column have no brain (the atlas)."""
-    return row["case"], row["method"], row["kind"], row.get("brain", "atlas")
+    """A run's task."""
+    return row["case"], row["method"], row["kind"], brain_of(row)
 
 
 def read_runs():
@@ -299,7 +303,7 @@ def report(seed: int):
     runs = [r for r in read_runs() if r.get("seed", seed) == seed]
     groups = {}
     for r in runs:
-        groups.setdefault((r["method"], r["kind"], r.get("brain", "atlas")), []).append(r)
+        groups.setdefault((r["method"], r["kind"], brain_of(r)), []).append(r)
     summary = {"seed": seed, "cases_grown_on": "bundled 1 mm atlas, steps / 4",
                "nipype_cases_grown_on": "nipype's testing-data brain (3 mm partial-volume maps of an MNI152-like "
                                         "template, another segmentation tool) resampled to 1 mm, steps / 4",
@@ -341,11 +345,11 @@ def report(seed: int):
                                                  "standard_error": float(paired.std(ddof=1) / math.sqrt(len(paired)))}
         summary["methods"][group_name(method, kind, brain)] = entry
     # Same-case comparison with cma-solver (the classical baseline), where both ran.
-    solver = {r["case"]: r for r in runs if r["method"] == "cma-solver" and r.get("brain", "atlas") == "atlas"}
+    solver = {r["case"]: r for r in runs if r["method"] == "cma-solver" and brain_of(r) == "atlas"}
     if solver:
         for method in FAST_METHODS + ("cma-surrogate",):
             pairs = [(r, solver[r["case"]]) for r in runs if r["method"] == method and r["kind"] == "concentration"
-                     and r.get("brain", "atlas") == "atlas" and r["case"] in solver]
+                     and brain_of(r) == "atlas" and r["case"] in solver]
             if pairs:
                 summary["methods"][f"{method} (concentration)"]["versus_cma_solver_same_cases"] = {
                     "cases": len(pairs),
