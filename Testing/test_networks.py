@@ -260,31 +260,48 @@ def test_shipped_models_stay_above_a_fixed_floor(kind):
         assert recomputed[key] >= bound if relation == ">=" else recomputed[key] <= bound, (key, recomputed[key])
 
 
-@pytest.mark.xfail(strict=True, reason="known defect of the bundled surrogate (issue 9): its training crops are centred "
-                   "on each tumor's centre of mass, so the seed offset only encodes the tumor's asymmetry and a 12 mm "
-                   "seed shift moves its tumor by < 0.1 mm; retraining on crops with jittered centres must make this "
-                   "pass (strict: it is reported when it does)")
+@pytest.mark.xfail(strict=True, reason="known defect of the bundled surrogate (issue 9): trained on crops centred on "
+                   "each tumor's centre of mass, its tumor does not follow the seed (benchmarks/seed_response.json: "
+                   "slope 0.003 against the solver's displacement); surrogate32_v2, trained on jittered crops, "
+                   "follows it (slope 0.62). Strict: it is reported when the shipped model passes")
 def test_moving_the_surrogate_seed_along_plus_x_moves_the_tumor_along_plus_x_in_ras():
-    """Seed offset +x (RAS, right) in the frame -> the predicted tumor's centre moves to +x, not to another axis."""
+    """Seed offset +x (RAS, right) in the frame -> the predicted tumor's centre moves to +x, not to another axis.
+
+    A point in the left centrum semiovale's white matter, a tumor of a few cm^3: all three seeds lie in the brain and
+    the FD solver moves its tumor's centre by 7.5-8.5 mm along +x per 12 mm step (checked here, so the test cannot
+    pass on a point where the physics would not move the tumor that way); the surrogate must move it at least half
+    as far, along x more than along the other axes."""
     from TumorPersonalizationLib.atlas import load_atlas
     from TumorPersonalizationLib.frame import SurrogateFrame
     from TumorPersonalizationLib.registry import load_model
+    from TumorPersonalizationLib.solver import TissueOperator, simulate_tensor
+    from TumorPersonalizationLib.surrogate import brain_mask_from_tissue
 
     model, card = load_model(SHIPPED_MODELS["surrogate"], kind="surrogate")
     atlas = load_atlas(2)
-    frame = SurrogateFrame.from_card(card, (20.0, -10.0, 20.0), atlas.geometry)
+    centre = np.array([-28.0, 0.0, 25.0])
+    frame = SurrogateFrame.from_card(card, centre, atlas.geometry)
     tissue = torch.as_tensor(frame.tissue_channels(atlas)[None])
-    centres = []
-    for dx in (-12.0, 0.0, 12.0):
-        seed = torch.tensor([[20.0 + dx, -10.0, 20.0]])
-        with torch.no_grad():
-            c = model(tissue, frame.normalise(seed, torch.tensor([4.0]), torch.tensor([2.0])).float())[0].numpy()
-        points = frame.geometry.index_kji_to_ras(np.argwhere(c >= 0.0).astype(float))
-        centres.append((points * c.reshape(-1, 1)).sum(axis=0) / c.sum())
-    shift_left, shift_right = centres[1] - centres[0], centres[2] - centres[1]
-    for shift in (shift_left, shift_right):
-        assert shift[0] > 3.0, centres  # moved right by several mm
-        assert abs(shift[0]) > 2 * max(abs(shift[1]), abs(shift[2])), centres
+    brain = brain_mask_from_tissue(tissue)[0].numpy() > 0
+    points = frame.geometry.index_kji_to_ras(np.argwhere(brain).astype(float))
+    seeds = np.array([centre + [dx, 0.0, 0.0] for dx in (-12.0, 0.0, 12.0)])
+    mu_d, mu_rho = torch.full((3,), 8.0, dtype=torch.float64), torch.full((3,), 3.0, dtype=torch.float64)
+    with torch.no_grad():
+        predicted = model(tissue.expand(3, -1, -1, -1, -1), frame.normalise(torch.as_tensor(seeds), mu_d, mu_rho).float())
+        solved = simulate_tensor(TissueOperator(atlas), mu_d, mu_rho, seeds).numpy()
+    for seed in seeds:
+        assert atlas.brain_mask[tuple(np.round(atlas.geometry.ras_to_index_kji(seed)).astype(int))]
+
+    def centres(maps):
+        return [(points * m[brain].reshape(-1, 1)).sum(axis=0) / m[brain].sum() for m in maps]
+
+    solver_steps = np.diff(centres([frame.sample(s) for s in solved]), axis=0)
+    surrogate_steps = np.diff(centres(predicted.numpy()), axis=0)
+    for shift in solver_steps:
+        assert shift[0] > 6.0 and abs(shift[0]) > 4 * max(abs(shift[1]), abs(shift[2])), solver_steps
+    for shift, solver_shift in zip(surrogate_steps, solver_steps):
+        assert shift[0] > 0.5 * solver_shift[0], (surrogate_steps, solver_steps)  # moved right by several mm
+        assert abs(shift[0]) > 2 * max(abs(shift[1]), abs(shift[2])), surrogate_steps
 
 
 def test_a_resumed_training_run_equals_an_uninterrupted_one(tmp_path):
