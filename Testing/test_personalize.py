@@ -119,6 +119,45 @@ def test_hybrid_keeps_the_candidate_with_the_lower_fd_loss(atlas_case, monkeypat
         assert winner.fd_loss < 1e-4
 
 
+def test_gb_surrogate_with_the_seed_held_fits_mu_only(atlas_case):
+    tissue, hidden = atlas_case
+    problem, _ = prepare_problem(tissue, Observation.from_volume(hidden), device="cpu")
+    start = perturbed(TRUTH)
+    result = gb_surrogate(problem, start, hold_seed=True)
+    held_seed = problem.network_space().project(start.parameters).seed_ras_mm
+    np.testing.assert_allclose(result.parameters.seed_ras_mm, held_seed, atol=1e-9)
+    assert result.source == "gb-surrogate (seed held)"
+    # mu_D and mu_rho did move: from 30 % off towards the truth
+    assert abs(result.parameters.mu_d_mm - TRUTH.mu_d_mm) < abs(start.parameters.mu_d_mm - TRUTH.mu_d_mm)
+    assert abs(result.parameters.mu_rho - TRUTH.mu_rho) < abs(start.parameters.mu_rho - TRUTH.mu_rho)
+
+
+def test_hybrid_with_the_seed_held_judges_three_candidates(atlas_case, monkeypatch):
+    """direct, gb-surrogate with the seed held (from direct), gb-surrogate free (from the held one): the FD judge
+    runs on all three and keeps the lowest, whichever stage produced it."""
+    import TumorPersonalizationLib.inversion as inversion
+
+    tissue, hidden = atlas_case
+    problem, _ = prepare_problem(tissue, Observation.from_volume(hidden), device="cpu",
+                                 options=InversionOptions(hybrid_seed_held=True))
+    off = Candidate(GrowthParameters(TRUTH.seed_ras_mm, 12.0, 4.0), "direct")
+    far = GrowthParameters(tuple(np.add(TRUTH.seed_ras_mm, (8.0, 0.0, 0.0))), 3.0, 1.0)
+    held = Candidate(TRUTH, "gb-surrogate (seed held)", surrogate_loss=1.0)
+    free = Candidate(far, "gb-surrogate", surrogate_loss=0.0)  # the surrogate prefers it; the solver does not
+    starts = []
+
+    def fake_gb(p, start, hold_seed=False):
+        starts.append((start.source, hold_seed))
+        return held if hold_seed else free
+
+    monkeypatch.setattr(inversion, "direct", lambda p: off)
+    monkeypatch.setattr(inversion, "gb_surrogate", fake_gb)
+    winner = hybrid(problem)
+    assert starts == [("direct", True), ("gb-surrogate (seed held)", False)]
+    assert [h["stage"] for h in problem.history].count("hybrid: FD judge") == 3
+    assert winner.parameters == TRUTH and winner.source == "hybrid (gb-surrogate (seed held))"
+
+
 def test_seed_is_held_to_the_tumor_neighbourhood(atlas_case):
     tissue, hidden = atlas_case
     problem, _ = prepare_problem(tissue, Observation.from_volume(hidden), device="cpu")

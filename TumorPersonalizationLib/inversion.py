@@ -61,6 +61,7 @@ class InversionOptions:
     fd_iterations: int = 5  # hybrid-fd: L-BFGS-B iterations with FD gradients
     fd_max_evaluations: int = 8
     fd_trust_factor: float = 1.5  # hybrid-fd: mu_D and mu_rho stay within this factor of the polish's start
+    hybrid_seed_held: bool = False  # hybrid: also judge gb-surrogate with the inverse net's seed held (see hybrid)
     # FD runs on the working grid (judge, polish, cma-solver) take longer time steps than the solver's defaults (0.5
     # voxel, 0.4): the front may move 1 voxel per step and the reaction step is 0.5 / mu_rho^3. That stays within
     # 1e-3 (max abs) of a converged run on the 2 mm atlas up to mu_D 20 mm, mu_rho 6 (test_solver_physics), the
@@ -326,9 +327,11 @@ class Problem:
 # ---- optimisers --------------------------------------------------------------------------------------------------
 def _lbfgs(problem: Problem, space: SearchSpace, loss_of: Callable, start: GrowthParameters, stage: str, kind: str,
            max_iterations: int, max_evaluations: int, ftol: float,
-           progress: Optional[ProgressCallback], relative: bool = False) -> Tuple[GrowthParameters, float]:
+           progress: Optional[ProgressCallback], relative: bool = False,
+           hold_seed: bool = False) -> Tuple[GrowthParameters, float]:
     """Bounded L-BFGS (scipy's L-BFGS-B) in the unit cube of `space`, gradients by autograd through loss_of
     (seeds, mu_d, mu_rho tensors -> (1,) loss). Returns the best parameters seen and their loss.
+    hold_seed=True searches mu_D and mu_rho only, the seed held at the start's (its bounds closed on it).
 
     relative=True divides the objective by its value at the start, so `ftol` is relative to where the search began
     (the FD polish: the FD loss is the judge, so it may go as far as its budget allows). Without it, ftol is an
@@ -357,7 +360,9 @@ def _lbfgs(problem: Problem, space: SearchSpace, loss_of: Callable, start: Growt
         gradient = x.grad.detach().numpy()[0].astype(np.float64)
         return value / scale[0], np.nan_to_num(gradient) / scale[0]
 
-    minimize(objective, space.to_unit(start), jac=True, method="L-BFGS-B", bounds=[(0.0, 1.0)] * 5,
+    start_unit = space.to_unit(start)
+    bounds = [(u, u) for u in start_unit[:3]] + [(0.0, 1.0)] * 2 if hold_seed else [(0.0, 1.0)] * 5
+    minimize(objective, start_unit, jac=True, method="L-BFGS-B", bounds=bounds,
              options={"maxiter": max_iterations, "maxfun": max_evaluations, "ftol": ftol, "gtol": 1e-12})
     return _projected(problem, space, best["unit"], best["loss"], stage, kind,
                       lambda unit: _unit_loss(loss_of, space, unit))
@@ -426,28 +431,43 @@ def direct(problem: Problem) -> Candidate:
     return Candidate(space.project(raw), "direct", space=space)
 
 
-def gb_surrogate(problem: Problem, start: Optional[Candidate] = None) -> Candidate:
-    """L-BFGS-B on the frozen surrogate from the inverse net's answer (or `start`)."""
+def gb_surrogate(problem: Problem, start: Optional[Candidate] = None, hold_seed: bool = False) -> Candidate:
+    """L-BFGS-B on the frozen surrogate from the inverse net's answer (or `start`); hold_seed=True fits mu_D and
+    mu_rho only, the seed held at the start's."""
     start = start or direct(problem)
     surrogate = problem.surrogate()
     space = problem.network_space()
-    parameters, loss = _lbfgs(problem, space, surrogate.losses, space.project(start.parameters), "gb-surrogate",
+    name = "gb-surrogate (seed held)" if hold_seed else "gb-surrogate"
+    parameters, loss = _lbfgs(problem, space, surrogate.losses, space.project(start.parameters), name,
                               "surrogate", problem.options.gb_max_iterations, 5 * problem.options.gb_max_iterations,
-                              problem.options.gb_ftol, sub_progress(problem.progress, 0.0, 1.0))
-    return Candidate(parameters, "gb-surrogate", surrogate_loss=loss, space=space)
+                              problem.options.gb_ftol, sub_progress(problem.progress, 0.0, 1.0), hold_seed=hold_seed)
+    return Candidate(parameters, name, surrogate_loss=loss, space=space)
 
 
 def hybrid(problem: Problem) -> Candidate:
-    """direct -> gb-surrogate; keep the candidate with the lower FD data loss on the working grid."""
+    """direct -> gb-surrogate; keep the candidate with the lower FD data loss on the working grid.
+
+    With options.hybrid_seed_held, gb-surrogate runs in two stages, mu_D and mu_rho first with the inverse net's seed
+    held, then all five from there, and the FD solver judges all three candidates: a surrogate whose tumor follows
+    its seed only part of the way (benchmarks/seed_response.py) can pull the seed away to fit its own error, and the
+    held-seed candidate keeps the inverse net's seed with fitted mu's in the running."""
     progress = problem.progress
     first = direct(replace_progress(problem, sub_progress(progress, 0.0, 0.05, "direct")))
-    second = gb_surrogate(replace_progress(problem, sub_progress(progress, 0.05, 0.7, "gb-surrogate")), first)
-    report(progress, 0.7, "hybrid: judging both candidates with the FD solver")
-    first = problem.fd_loss(first, "hybrid: FD judge")
-    report(progress, 0.85, "hybrid: judging both candidates with the FD solver")
-    second = problem.fd_loss(second, "hybrid: FD judge")
+    if problem.options.hybrid_seed_held:
+        held = gb_surrogate(replace_progress(problem, sub_progress(progress, 0.05, 0.3, "gb-surrogate, seed held")),
+                            first, hold_seed=True)
+        candidates = [first, held,
+                      gb_surrogate(replace_progress(problem, sub_progress(progress, 0.3, 0.7, "gb-surrogate")), held)]
+    else:
+        candidates = [first,
+                      gb_surrogate(replace_progress(problem, sub_progress(progress, 0.05, 0.7, "gb-surrogate")), first)]
+    judged = []
+    for n, candidate in enumerate(candidates):
+        report(progress, 0.7 + 0.3 * n / len(candidates), f"hybrid: judging {len(candidates)} candidates with the FD "
+                                                             f"solver")
+        judged.append(problem.fd_loss(candidate, "hybrid: FD judge"))
     report(progress, 1.0, "hybrid: judged")
-    winner = min((first, second), key=lambda c: c.fd_loss)
+    winner = min(judged, key=lambda c: c.fd_loss)
     return replace(winner, source=f"hybrid ({winner.source})")
 
 
