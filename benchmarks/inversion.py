@@ -56,6 +56,7 @@ from TumorPersonalizationLib.metrics import compare, tumor_volume_cm3  # noqa: E
 from TumorPersonalizationLib.observation import Observation  # noqa: E402
 from TumorPersonalizationLib.parameters import GrowthParameters  # noqa: E402
 from TumorPersonalizationLib.pipeline import personalize  # noqa: E402
+from TumorPersonalizationLib.registry import SHIPPED_MODELS  # noqa: E402
 from TumorPersonalizationLib.plans import later_growth_coverage  # noqa: E402
 
 FAST_METHODS = ("direct", "gb-surrogate", "hybrid", "hybrid-fd")
@@ -74,6 +75,10 @@ SHIFTED_ANATOMY_STREAM, SHIFTED_TUMOR_STREAM = 9, 10
 NIPYPE_TUMOR_STREAM = 11
 BRAIN_NAMES = {"atlas": "atlas", "shifted": "shifted brains", "nipype": "nipype's 3 mm brain"}
 LATER_AGE_FACTOR = 1.5
+# The networks each method used in rows written before the runs recorded them (the models shipped then).
+LEGACY_MODELS = {"direct": ("inverse32",), "gb-surrogate": ("inverse32", "surrogate32"),
+                 "hybrid": ("inverse32", "surrogate32"), "hybrid-fd": ("inverse32", "surrogate32"),
+                 "cma-surrogate": ("surrogate32",), "cma-solver": ()}
 
 
 def nipype_brain():
@@ -223,6 +228,8 @@ def segmentation_of(today: np.ndarray) -> np.ndarray:
 
 
 def run_task(cases: Cases, index: int, method: str, kind: str, forward: Dict):
+    import torch
+
     truth, today, later, info = cases.get(index)
     tissue = cases.tissue_of(index)
     brain = tissue.brain_mask
@@ -244,6 +251,8 @@ def run_task(cases: Cases, index: int, method: str, kind: str, forward: Dict):
            "runtime_s": result.runtime_s, **forward,
            "runtime_in_forward_runs": result.runtime_s / max(forward["forward_1mm_s"], 1e-6),
            "fd_runs_working_grid": result.provenance["fd_runs_working_grid"], "winner": result.provenance["winner"],
+           "models": {name: entry["sha256"] for name, entry in result.provenance["models"].items()},
+           "threads": torch.get_num_threads(),
            "evaluations": len(result.history), "loadavg_before": load_before, "loadavg_after": load_after,
            "warnings": result.warnings}
     growth = (later >= EDEMA_THRESHOLD) & (today < EDEMA_THRESHOLD)
@@ -282,6 +291,16 @@ def brain_of(row) -> str:
     return row.get("brain", "atlas")
 
 
+def models_of(row) -> tuple:
+    """The names of the networks a run used, sorted (rows from before runs recorded them: LEGACY_MODELS)."""
+    return tuple(sorted(row["models"])) if "models" in row else LEGACY_MODELS[row["method"]]
+
+
+def with_current_models(row) -> bool:
+    """Whether a run used only networks shipped now: runs of replaced networks are neither resumed nor reported."""
+    return set(models_of(row)) <= set(SHIPPED_MODELS.values())
+
+
 def row_key(row):
     """A run's task."""
     return row["case"], row["method"], row["kind"], brain_of(row)
@@ -300,7 +319,8 @@ METRICS = ("mse", "mae", "mse_normalised", "mae_normalised", "ncc", "dice_0.25",
 def report(seed: int):
     import torch
 
-    runs = [r for r in read_runs() if r.get("seed", seed) == seed]
+    all_runs = [r for r in read_runs() if r.get("seed", seed) == seed]
+    runs = [r for r in all_runs if with_current_models(r)]
     groups = {}
     for r in runs:
         groups.setdefault((r["method"], r["kind"], brain_of(r)), []).append(r)
@@ -312,7 +332,10 @@ def report(seed: int):
                                          "re-acquired on an oblique 0.9 x 0.9 x 3 mm grid, border noise on half), "
                                          "steps / 4",
                "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "machine": "2-core CPU (development machine)", "methods": {}}
+               # the runs' torch threads (rows from before they recorded it ran with 2, this machine's cores)
+               "threads": sorted({r.get("threads", 2) for r in runs}) or [torch.get_num_threads()], "machine": "2-core CPU (development machine)",
+               "models": dict(SHIPPED_MODELS), "runs_of_replaced_models_left_out": len(all_runs) - len(runs),
+               "methods": {}}
     for (method, kind, brain), rows in sorted(groups.items(), key=lambda item: (item[0][2], item[0][:2])):
         metric_rows = [{k: r["metrics"][k] for k in METRICS} for r in rows]
         entry = summarise(metric_rows, worst_is_low={"ncc", "dice_0.25", "dice_0.675"})
@@ -381,7 +404,8 @@ def write_table(summary, path):
              "on another template brain segmented by another tool; every method's final FD run on the "
              "1 mm grid against the hidden truth, inside the brain; mean ± standard error over cases. Wall time on "
              "this 2-core CPU (torch threads: {}); `clean` counts the runs whose timing was taken with a 1-minute "
-             "load average < 2.5.".format(summary["threads"]), "",
+             "load average < 2.5. Networks: {}.".format(", ".join(map(str, summary["threads"])),
+                                          ", ".join(summary["models"].values())), "",
              "| method (input) | cases | MSE (1e-3) | MAE (1e-2) | norm. MSE | norm. MAE | NCC | NCC worst 5 % | "
              "seed error mm | mu_D rel. err. | mu_rho rel. err. | wall time s (median) | × 1 mm forward runs: max (cases > 4) | "
              "clean |",
@@ -485,7 +509,7 @@ def main():
     if args.report_only:
         report(args.seed)
         return
-    done = {row_key(r) for r in read_runs() if r.get("seed", args.seed) == args.seed}
+    done = {row_key(r) for r in read_runs() if r.get("seed", args.seed) == args.seed and with_current_models(r)}
     cases = {brain: Cases(args.seed, brain) for brain in BRAINS}
     started = time.perf_counter()
     forwards = {}
