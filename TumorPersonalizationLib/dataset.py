@@ -289,6 +289,30 @@ def sample_tissue(config: DatasetConfig, variants: List[Tissue], arrays: Dict[st
     return apply_anatomy(variants[variant], draw, config.anatomy, hard_labels)
 
 
+class SampleBrains:
+    """The brains a finished dataset's samples grew on (sample_tissue), for benchmarks that re-run samples, with a
+    solver operator per brain: an atlas variant's is built once and shared by its samples, a deformed brain's is
+    built for its sample."""
+
+    def __init__(self, config: DatasetConfig, arrays: Dict[str, np.ndarray]):
+        self.config, self.arrays = config, arrays
+        self.variants = atlas_variants(config.simulation_spacing_mm)
+        self._operators = {}
+
+    def tissue(self, n: int) -> Tissue:
+        return sample_tissue(self.config, self.variants, self.arrays, n)
+
+    def operator(self, tissue: Tissue):
+        from .solver import TissueOperator
+
+        shared = next((i for i, v in enumerate(self.variants) if tissue is v), None)
+        if shared is None:
+            return TissueOperator(tissue)
+        if shared not in self._operators:
+            self._operators[shared] = TissueOperator(tissue)
+        return self._operators[shared]
+
+
 def _stack(samples: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
     return {key: np.stack([s[key] for s in samples]) for key in samples[0]}
 

@@ -452,15 +452,15 @@ def hybrid(problem: Problem) -> Candidate:
     its seed only part of the way (benchmarks/seed_response.py) can pull the seed away to fit its own error, and the
     held-seed candidate keeps the inverse net's seed with fitted mu's in the running."""
     progress = problem.progress
-    first = direct(replace_progress(problem, sub_progress(progress, 0.0, 0.05, "direct")))
-    if problem.options.hybrid_seed_held:
-        held = gb_surrogate(replace_progress(problem, sub_progress(progress, 0.05, 0.3, "gb-surrogate, seed held")),
-                            first, hold_seed=True)
-        candidates = [first, held,
-                      gb_surrogate(replace_progress(problem, sub_progress(progress, 0.3, 0.7, "gb-surrogate")), held)]
-    else:
-        candidates = [first,
-                      gb_surrogate(replace_progress(problem, sub_progress(progress, 0.05, 0.7, "gb-surrogate")), first)]
+    candidates = [direct(replace_progress(problem, sub_progress(progress, 0.0, 0.05, "direct")))]
+    free_from = 0.05
+    if problem.options.hybrid_seed_held:  # the free search then starts from the held one
+        candidates.append(gb_surrogate(replace_progress(problem, sub_progress(progress, 0.05, 0.3,
+                                                                              "gb-surrogate, seed held")),
+                                       candidates[0], hold_seed=True))
+        free_from = 0.3
+    candidates.append(gb_surrogate(replace_progress(problem, sub_progress(progress, free_from, 0.7, "gb-surrogate")),
+                                   candidates[-1]))
     judged = []
     for n, candidate in enumerate(candidates):
         report(progress, 0.7 + 0.3 * n / len(candidates), f"hybrid: judging {len(candidates)} candidates with the FD "

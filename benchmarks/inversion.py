@@ -333,7 +333,8 @@ def report(seed: int):
                                          "steps / 4",
                "torch": torch.__version__,
                # the runs' torch threads (rows from before they recorded it ran with 2, this machine's cores)
-               "threads": sorted({r.get("threads", 2) for r in runs}) or [torch.get_num_threads()], "machine": "2-core CPU (development machine)",
+               "threads": sorted({r.get("threads", 2) for r in runs}) or [torch.get_num_threads()],
+               "machine": "2-core CPU (development machine)",
                "models": dict(SHIPPED_MODELS), "runs_of_replaced_models_left_out": len(all_runs) - len(runs),
                "methods": {}}
     for (method, kind, brain), rows in sorted(groups.items(), key=lambda item: (item[0][2], item[0][:2])):

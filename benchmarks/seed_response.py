@@ -26,10 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from TumorPersonalizationLib.dataset import DatasetConfig, atlas_variants, load_dataset, sample_tissue  # noqa: E402
+from TumorPersonalizationLib.dataset import DatasetConfig, SampleBrains, load_dataset  # noqa: E402
 from TumorPersonalizationLib.frame import SurrogateFrame  # noqa: E402
 from TumorPersonalizationLib.registry import SHIPPED_MODELS, load_model  # noqa: E402
-from TumorPersonalizationLib.solver import TissueOperator, simulate_tensor  # noqa: E402
+from TumorPersonalizationLib.solver import simulate_tensor  # noqa: E402
 
 AXES = "RAS"
 
@@ -64,48 +64,47 @@ def shifted_seeds(base_seed: np.ndarray, shift_mm: float):
             yield axis, sign * shift_mm, seed
 
 
-def fd_rows(arrays, config, frames, samples, shift_mm):
-    """The solver's tumor centre for each sample's own seed and its shifted seeds (one batched run per sample)."""
-    variants = atlas_variants(config.simulation_spacing_mm)
-    operators, rows = {}, []
+def fd_rows(arrays, brains: SampleBrains, card, samples, shift_mm):
+    """The solver's tumor centre for each sample's own seed and its shifted seeds (one batched run per sample), and
+    each sample's frame (the model card's, around the sample's stored crop centre)."""
+    rows, frames = [], {}
     for n in samples:
-        tissue = sample_tissue(config, variants, arrays, n)
-        key = next((i for i, v in enumerate(variants) if tissue is v), None)
-        operator = operators.get(key) if key is not None else None
-        if operator is None:
-            operator = TissueOperator(tissue)
-            if key is not None:
-                operators[key] = operator
+        tissue = brains.tissue(n)
+        frame = frames[n] = SurrogateFrame.from_card(card, arrays["crop_center_ras_mm"][n].astype(np.float64),
+                                                     tissue.geometry)
         base = arrays["seed_ras_mm"][n].astype(np.float64)
         shifts = [s for s in shifted_seeds(base, shift_mm) if in_brain(tissue, s[2])]
         seeds = np.stack([base] + [s[2] for s in shifts])
         with torch.no_grad():
-            c = simulate_tensor(operator, [float(arrays["mu_d_mm"][n])] * len(seeds),
+            c = simulate_tensor(brains.operator(tissue), [float(arrays["mu_d_mm"][n])] * len(seeds),
                                 [float(arrays["mu_rho"][n])] * len(seeds), seeds).numpy()
-        frame, brain = frames[n], frame_brain(arrays, n)
+        brain = frame_brain(arrays, n)
         centres = [centre_of_mass(frame.sample(c_one), brain, frame) for c_one in c]
         for (axis, shift, seed), centre in zip(shifts, centres[1:]):
             rows.append({"sample": int(n), "axis": AXES[axis], "shift_mm": shift, "seed_ras_mm": seed.tolist(),
                          "fd_displacement_mm": (centre - centres[0]).tolist()})
-    return rows
+    return rows, frames
 
 
 def surrogate_displacements(model, arrays, frames, rows) -> np.ndarray:
-    """(len(rows), 3) displacement of the surrogate's tumor centre for each row's shifted seed."""
-    out = []
-    for row in rows:
-        n = row["sample"]
-        frame = frames[n]
-        tissue = torch.as_tensor(arrays["tissue"][n:n + 1].astype(np.float32))
-        brain = frame_brain(arrays, n)
-        seeds = np.stack([arrays["seed_ras_mm"][n].astype(np.float64), np.asarray(row["seed_ras_mm"])])
-        parameters = frame.normalise(torch.as_tensor(seeds), torch.full((2,), float(arrays["mu_d_mm"][n]),
-                                                                         dtype=torch.float64),
-                                     torch.full((2,), float(arrays["mu_rho"][n]), dtype=torch.float64)).float()
+    """(len(rows), 3) displacement of the surrogate's tumor centre for each row's shifted seed (one batch per
+    sample: its own seed and its rows' shifted seeds)."""
+    out = np.zeros((len(rows), 3))
+    for n in sorted({row["sample"] for row in rows}):
+        mine = [i for i, row in enumerate(rows) if row["sample"] == n]
+        frame, brain = frames[n], frame_brain(arrays, n)
+        seeds = np.stack([arrays["seed_ras_mm"][n].astype(np.float64)] + [rows[i]["seed_ras_mm"] for i in mine])
+        count = len(seeds)
+        tissue = torch.as_tensor(arrays["tissue"][n:n + 1].astype(np.float32)).expand(count, -1, -1, -1, -1)
+        parameters = frame.normalise(torch.as_tensor(seeds),
+                                     torch.full((count,), float(arrays["mu_d_mm"][n]), dtype=torch.float64),
+                                     torch.full((count,), float(arrays["mu_rho"][n]), dtype=torch.float64)).float()
         with torch.no_grad():
-            c = model(tissue.expand(2, -1, -1, -1, -1), parameters).numpy()
-        out.append(centre_of_mass(c[1], brain, frame) - centre_of_mass(c[0], brain, frame))
-    return np.asarray(out)
+            c = model(tissue, parameters).numpy()
+        centres = [centre_of_mass(c_one, brain, frame) for c_one in c]
+        for i, centre in zip(mine, centres[1:]):
+            out[i] = centre - centres[0]
+    return out
 
 
 def summary(fd: np.ndarray, surrogate: np.ndarray, rows) -> dict:
@@ -138,11 +137,7 @@ def main():
     arrays = load_dataset(args.test)
     config = DatasetConfig.from_dict(json.loads((args.test / "manifest.json").read_text())["config"])
     samples = range(min(args.samples, len(arrays["mu_d_mm"])))
-    variants_geometry = atlas_variants(config.simulation_spacing_mm)
-    frames = {n: SurrogateFrame.from_card(card, arrays["crop_center_ras_mm"][n].astype(np.float64),
-                                          sample_tissue(config, variants_geometry, arrays, n).geometry)
-              for n in samples}
-    rows = fd_rows(arrays, config, frames, samples, args.shift_mm)
+    rows, frames = fd_rows(arrays, SampleBrains(config, arrays), card, samples, args.shift_mm)
     fd = np.array([r["fd_displacement_mm"] for r in rows])
     print(f"{len(rows)} shifts on {len(samples)} samples; solver along the shift: "
           f"{np.mean([fd[i, AXES.index(r['axis'])] * np.sign(r['shift_mm']) for i, r in enumerate(rows)]):.2f} mm "

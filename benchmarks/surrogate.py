@@ -30,12 +30,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from TumorPersonalizationLib.dataset import (DatasetConfig, atlas_variants, load_dataset,  # noqa: E402
-                                             sample_tissue)
+from TumorPersonalizationLib.dataset import DatasetConfig, SampleBrains, load_dataset  # noqa: E402
 from TumorPersonalizationLib.metrics import compare  # noqa: E402
 from TumorPersonalizationLib.parameters import ParameterScaling  # noqa: E402
 from TumorPersonalizationLib.registry import SHIPPED_MODELS, load_model, read_card  # noqa: E402
-from TumorPersonalizationLib.solver import TissueOperator, simulate_tensor  # noqa: E402
+from TumorPersonalizationLib.solver import simulate_tensor  # noqa: E402
 from TumorPersonalizationLib.frame import SurrogateFrame  # noqa: E402
 from TumorPersonalizationLib.evaluation import summarise  # noqa: E402
 from TumorPersonalizationLib.training import (evaluate_inverse, evaluate_surrogate, predict_inverse,  # noqa: E402
@@ -43,19 +42,12 @@ from TumorPersonalizationLib.training import (evaluate_inverse, evaluate_surroga
 
 
 def fd_resolution_rows(model, arrays, tensors, cube_mm, limit, config):
-    variants = atlas_variants(config.simulation_spacing_mm)
-    operators = {}
+    brains = SampleBrains(config, arrays)
     rows, fd_times = [], []
     for n in range(min(limit, len(arrays["mu_d_mm"]))):
         # The sample's own brain: its atlas variant, deformed / re-acquired as it drew (shifted test set).
-        tissue = sample_tissue(config, variants, arrays, n)
-        shared = next((i for i, v in enumerate(variants) if tissue is v), None)
-        if shared is None:
-            operator = TissueOperator(tissue)
-        else:
-            if shared not in operators:
-                operators[shared] = TissueOperator(tissue)
-            operator = operators[shared]
+        tissue = brains.tissue(n)
+        operator = brains.operator(tissue)
         started = time.perf_counter()
         with torch.no_grad():
             c = simulate_tensor(operator, [float(arrays["mu_d_mm"][n])], [float(arrays["mu_rho"][n])],
