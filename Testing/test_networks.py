@@ -260,10 +260,6 @@ def test_shipped_models_stay_above_a_fixed_floor(kind):
         assert recomputed[key] >= bound if relation == ">=" else recomputed[key] <= bound, (key, recomputed[key])
 
 
-@pytest.mark.xfail(strict=True, reason="known defect of the bundled surrogate (issue 9): trained on crops centred on "
-                   "each tumor's centre of mass, its tumor does not follow the seed (benchmarks/seed_response.json: "
-                   "slope 0.003 against the solver's displacement); surrogate32_v2, trained on jittered crops, "
-                   "follows it (slope 0.62). Strict: it is reported when the shipped model passes")
 def test_moving_the_surrogate_seed_along_plus_x_moves_the_tumor_along_plus_x_in_ras():
     """Seed offset +x (RAS, right) in the frame -> the predicted tumor's centre moves to +x, not to another axis.
 

@@ -47,9 +47,9 @@ def assert_recovered(parameters: GrowthParameters, truth: GrowthParameters, rela
 def test_gb_surrogate_recovers_its_own_forward_run_from_a_perturbed_start(atlas_case):
     """The optimiser, not the surrogate's accuracy: the observation is the surrogate's own prediction for TRUTH.
 
-    mu_D and mu_rho come back within 10 %; the seed does not, and cannot: the surrogate's frame is centred on the
-    tumor (as its training crops were), so the seed enters only through the tumor's asymmetry, and a 5 mm seed shift
-    is compensated by ~1.5 % in mu_D down to a loss of 1e-10. The seed is found by the FD polish (next tests)."""
+    mu_D, mu_rho and the seed all come back (measured with surrogate32_v3: 0.02 mm, < 0.01 %): the shipped surrogate
+    is given the seed as fields and trained on crops whose centre is jittered around the tumor, so a seed shift moves
+    its tumor (benchmarks/seed_response.json). The bundled surrogate before it could not place the seed at all."""
     import torch
 
     tissue, hidden = atlas_case
@@ -63,17 +63,18 @@ def test_gb_surrogate_recovers_its_own_forward_run_from_a_perturbed_start(atlas_
     start = perturbed(TRUTH)
     assert np.linalg.norm(np.subtract(start.parameters.seed_ras_mm, TRUTH.seed_ras_mm)) == pytest.approx(5.0)
     result = gb_surrogate(problem, start)
-    assert_recovered(result.parameters, TRUTH, relative=0.10, seed_mm=5.5)
+    assert_recovered(result.parameters, TRUTH, relative=0.02, seed_mm=1.0)
     assert result.surrogate_loss < problem.history[0]["loss"] * 1e-4
 
 
 def test_gb_surrogate_on_an_fd_tumor_recovers_mu_and_keeps_the_seed_near(atlas_case):
-    """Against an FD-grown tumor the surrogate's own error limits the seed: its loss is flat to 2 % over 5 mm of
-    seed and its minimum sits ~5 mm off here (why hybrid-fd polishes with the FD solver)."""
+    """Against an FD-grown tumor the surrogate's own error limits the fit: measured with surrogate32_v3, the seed
+    comes back to 1.2 mm but mu_D to 9 % (its minimum is not the solver's; why hybrid-fd polishes with the FD
+    solver)."""
     tissue, hidden = atlas_case
     problem, _ = prepare_problem(tissue, Observation.from_volume(hidden), device="cpu")
     result = gb_surrogate(problem, perturbed(TRUTH))
-    assert_recovered(result.parameters, TRUTH, relative=0.10, seed_mm=7.0)
+    assert_recovered(result.parameters, TRUTH, relative=0.10, seed_mm=3.0)
 
 
 def test_fd_polish_recovers_from_a_perturbed_start(atlas_case):

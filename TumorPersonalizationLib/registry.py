@@ -15,7 +15,7 @@ from .imageio import sha256_file
 # The models personalisation loads by default and the Slicer extension ships, by kind: the one place their names
 # are set. A retrained pair is switched here (the CMake resource list is checked against it by
 # Testing/test_slicer_module_static.py); the cards of replaced models stay in Resources/Models as provenance.
-SHIPPED_MODELS: Dict[str, str] = {"surrogate": "surrogate32", "inverse": "inverse32"}
+SHIPPED_MODELS: Dict[str, str] = {"surrogate": "surrogate32_v3", "inverse": "inverse32_v2"}
 
 
 def models_dir() -> Path:
