@@ -252,7 +252,7 @@ def run_task(cases: Cases, index: int, method: str, kind: str, forward: Dict):
            "runtime_in_forward_runs": result.runtime_s / max(forward["forward_1mm_s"], 1e-6),
            "fd_runs_working_grid": result.provenance["fd_runs_working_grid"], "winner": result.provenance["winner"],
            "models": {name: entry["sha256"] for name, entry in result.provenance["models"].items()},
-           "threads": torch.get_num_threads(),
+           "shipped_models": dict(SHIPPED_MODELS), "threads": torch.get_num_threads(),
            "evaluations": len(result.history), "loadavg_before": load_before, "loadavg_after": load_after,
            "warnings": result.warnings}
     growth = (later >= EDEMA_THRESHOLD) & (today < EDEMA_THRESHOLD)
@@ -297,8 +297,15 @@ def models_of(row) -> tuple:
 
 
 def with_current_models(row) -> bool:
-    """Whether a run used only networks shipped now: runs of replaced networks are neither resumed nor reported."""
-    return set(models_of(row)) <= set(SHIPPED_MODELS.values())
+    """Whether a run belongs to the networks shipped now: runs of replaced networks are neither resumed nor reported.
+
+    A run records the shipped pair it ran beside (`shipped_models`), so a method that uses no network (cma-solver)
+    is run again with every new pair: the wall-time comparison with it must come from the same sitting. Rows from
+    before that field: those that used networks belong to them; cma-solver's to the first pair."""
+    if "shipped_models" in row:
+        return row["shipped_models"] == SHIPPED_MODELS
+    used = models_of(row)
+    return bool(used) and set(used) <= set(SHIPPED_MODELS.values())
 
 
 def row_key(row):
