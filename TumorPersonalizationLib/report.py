@@ -120,7 +120,8 @@ def save_result_figure(path, result) -> Path:
     else:
         center = slice_center(c, seed_kji)
     background = tissue_background(tissue)
-    figure, axes = plt.subplots(1, 4, figsize=(17, 4.8), gridspec_kw={"width_ratios": [1, 1, 1, 1.1]})
+    # The extra space between panels keeps the loss axis's label off the sagittal slice.
+    figure, axes = plt.subplots(1, 4, figsize=(17, 4.8), gridspec_kw={"width_ratios": [1, 1, 1, 1.1], "wspace": 0.3})
     overlays = [(observation.visible if observation is not None else None, "white", "dashed", [0.5]),
                 (result.plans.standard, "#ff9900", "solid", [0.5]), (result.plans.model, "#ff44ff", "solid", [0.5])]
     seed_position = {"axial": (seed_kji[2], seed_kji[1]), "coronal": (seed_kji[2], seed_kji[0]),
