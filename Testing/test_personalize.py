@@ -102,6 +102,56 @@ def test_cma_solver_recovers_on_a_small_grid():
     result = cma_solver(problem)
     assert_recovered(result.parameters, truth)
     assert len(problem.history) <= 450 + 20  # the budget holds (a generation may finish past it)
+    assert "maxfevals" in result.stopped  # tolfun 1e-10: the budget ends it, and the result says so
+
+
+def _slab_problem(**options):
+    shape = (14, 16, 16)
+    wm = np.ones(shape, np.float32)
+    wm[:, :, :3] = 0.0  # CSF beside the slab: part of the seed's box is not brain
+    tissue = make_tissue(wm, np.zeros(shape, np.float32), spacing=(2.0, 2.0, 2.0))
+    visible = np.zeros(shape, np.float32)
+    visible[5:9, 5:9, 3:8] = 0.5
+    problem, _ = prepare_problem(tissue, Observation.from_volume(tissue.volume(visible)),
+                                 options=InversionOptions(seed_margin_mm=8.0, **options), device="cpu",
+                                 working_spacing_mm=None)
+    return problem
+
+
+def test_cma_evaluates_only_allowed_seeds_and_its_tolfun_is_relative_to_the_no_tumor_loss():
+    """CMA-ES searches the seed's bounding box; every candidate it evaluates has its seed on an allowed voxel (a seed
+    in CSF grows nothing, a flat loss on which CMA-ES stops: the benchmark's cma-solver did after 26 runs on a small
+    tumor). Its stopping rule does not depend on the loss's scale: the same loss times 1e-4 (a tumor 1e-4 times
+    smaller) with a no-tumor loss 1e-4 times smaller takes the same path. The FD runs are replaced by a quadratic."""
+    paths = []
+    for scale in (1.0, 1e-4):
+        problem = _slab_problem(cma_solver_budget=3000)
+        fd = problem.fd()
+        target = np.array(problem.space.from_unit(np.array([0.1, 0.5, 0.5, 0.6, 0.4])).seed_ras_mm)
+        seeds = []
+
+        def quadratic(parameters, cancel=None, scale=scale):
+            seeds.append(parameters.seed_ras_mm)
+            offset = np.subtract(parameters.seed_ras_mm, target) / 10.0
+            return scale * (1e-3 + offset @ offset + (parameters.mu_d_mm - 6.0) ** 2 + (parameters.mu_rho - 2.0) ** 2)
+
+        fd.loss_of, fd.no_tumor_loss = quadratic, (lambda scale=scale: 10.0 * scale)
+        result = cma_solver(problem)
+        index = np.round(problem.space.geometry.ras_to_index_kji(np.array(seeds))).astype(int)
+        assert problem.space.allowed[tuple(index.T)].all()
+        assert "tolfun" in result.stopped and len(seeds) < 3000, result.stopped
+        paths.append((len(seeds), result.parameters))
+    assert paths[0][0] == paths[1][0]
+    assert paths[0][1] == paths[1][1]
+    assert paths[0][1].mu_d_mm == pytest.approx(6.0, rel=0.01) and paths[0][1].mu_rho == pytest.approx(2.0, rel=0.01)
+
+
+def test_no_tumor_loss_of_a_concentration_is_its_mean_square_over_the_brain():
+    problem = _slab_problem()
+    fd = problem.fd()
+    brain = fd.brain.numpy() > 0
+    observed = problem.work_observation.concentration
+    assert fd.no_tumor_loss() == pytest.approx(float(np.mean(observed[brain] ** 2)), rel=1e-5)
 
 
 def test_hybrid_keeps_the_candidate_with_the_lower_fd_loss(atlas_case, monkeypatch):

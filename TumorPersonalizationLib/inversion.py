@@ -72,6 +72,8 @@ class InversionOptions:
     cma_sigma0: float = 0.25  # initial step, in units of the search box
     cma_surrogate_budget: int = 3000
     cma_solver_budget: int = 1500
+    # CMA-ES stops when the losses of its recent generations differ by less than this, relative to the loss of
+    # predicting no tumor (no_tumor_loss), or after its budget of evaluations.
     cma_tolfun: float = 1e-6
     random_seed: int = 1
 
@@ -93,6 +95,7 @@ class Candidate:
     surrogate_loss: Optional[float] = None
     fd_loss: Optional[float] = None
     space: Optional["SearchSpace"] = None
+    stopped: Optional[str] = None  # why an optimiser stopped, where it says (CMA-ES's termination criteria)
 
 
 @dataclass
@@ -220,6 +223,9 @@ class FDModel:
         with torch.no_grad():
             return float(self.losses([parameters.seed_ras_mm], [parameters.mu_d_mm], [parameters.mu_rho], cancel)[0])
 
+    def no_tumor_loss(self) -> float:
+        return self.observation.no_tumor_loss(self.brain, self.terms)
+
 
 class SurrogateModel:
     """The frozen surrogate in its frame around the tumor: normalised parameters -> data loss in the frame."""
@@ -247,6 +253,9 @@ class SurrogateModel:
     def losses(self, seeds, mu_d, mu_rho) -> torch.Tensor:
         normalised = self.frame.normalise(seeds, mu_d, mu_rho).to(torch.float32)
         return self.observation.loss(self.predict(normalised), self.brain, self.terms)
+
+    def no_tumor_loss(self) -> float:
+        return self.observation.no_tumor_loss(self.brain, self.terms)
 
 
 @dataclass
@@ -389,27 +398,38 @@ def _projected(problem: Problem, space: SearchSpace, unit: np.ndarray, loss: flo
 
 
 def _cma(problem: Problem, space: SearchSpace, batch_losses: Callable, start: GrowthParameters, budget: int,
-         stage: str, kind: str, progress: Optional[ProgressCallback]) -> Tuple[GrowthParameters, float]:
-    """Bounded CMA-ES (the cma package) in the unit cube; batch_losses(list of unit points) -> list of losses."""
+         stage: str, kind: str, loss_scale: float,
+         progress: Optional[ProgressCallback]) -> Tuple[GrowthParameters, float, str]:
+    """Bounded CMA-ES (the cma package) in the unit cube -> (parameters, loss, why it stopped).
+
+    batch_losses(list of parameters) -> list of losses. Every candidate's seed is projected onto the allowed voxels
+    before it is evaluated: the unit cube spans the allowed voxels' bounding box, and a seed in CSF or outside the
+    head grows no tumor, so a generation drawn there scores the same loss throughout, and CMA-ES, reading that as a
+    flat function, stops (it did after 26 runs on a 16 cm^3 benchmark case). The losses CMA-ES sees are divided by
+    loss_scale (the loss of predicting no tumor), so options.cma_tolfun is relative to the tumor's own scale."""
     import cma
 
     options = {"bounds": [0.0, 1.0], "maxfevals": budget, "tolfun": problem.options.cma_tolfun,
                "seed": problem.options.random_seed, "verbose": -9}
     strategy = cma.CMAEvolutionStrategy(space.to_unit(start).tolist(), problem.options.cma_sigma0, options)
-    best = (math.inf, space.to_unit(start))
+    scale = loss_scale if loss_scale > 0 else 1.0
+    best = (math.inf, space.project(start))
     evaluations = 0
     while not strategy.stop():
         check_cancel(problem.cancel)
         population = strategy.ask()
-        losses = batch_losses(population)
-        strategy.tell(population, losses)
-        for unit, loss in zip(population, losses):
+        candidates = [space.from_unit(unit) for unit in population]
+        losses = batch_losses(candidates)
+        strategy.tell(population, [loss / scale for loss in losses])
+        for parameters, loss in zip(candidates, losses):
             problem.record(stage, loss, kind)
             if loss < best[0]:
-                best = (float(loss), np.asarray(unit))
+                best = (float(loss), parameters)
         evaluations += len(population)
         report(progress, min(evaluations / budget, 1.0), f"{stage} best loss {best[0]:.3e} ({evaluations} runs)")
-    return _projected(problem, space, best[1], best[0], stage, kind, lambda unit: batch_losses([unit])[0])
+    stopped = ", ".join(f"{name} {value:g}" if isinstance(value, (int, float)) else str(name)
+                        for name, value in strategy.stop().items())
+    return best[1], best[0], stopped
 
 
 # ---- methods -----------------------------------------------------------------------------------------------------
@@ -510,14 +530,14 @@ def cma_surrogate(problem: Problem) -> Candidate:
     space = problem.network_space()
 
     def batch_losses(population):
-        units = torch.as_tensor(np.asarray(population), dtype=torch.float64)
+        values = torch.tensor([list(p.seed_ras_mm) + [p.mu_d_mm, p.mu_rho] for p in population], dtype=torch.float64)
         with torch.no_grad():
-            seeds, mu_d, mu_rho = space.from_unit_tensor(units)
-            return surrogate.losses(seeds, mu_d, mu_rho).double().cpu().numpy().tolist()
+            return surrogate.losses(values[:, :3], values[:, 3], values[:, 4]).double().cpu().numpy().tolist()
 
-    parameters, loss = _cma(problem, space, batch_losses, _box_centre(space), problem.options.cma_surrogate_budget,
-                            "cma-surrogate", "surrogate", problem.progress)
-    return Candidate(parameters, "cma-surrogate", surrogate_loss=loss, space=space)
+    parameters, loss, stopped = _cma(problem, space, batch_losses, _box_centre(space),
+                                     problem.options.cma_surrogate_budget, "cma-surrogate", "surrogate",
+                                     surrogate.no_tumor_loss(), problem.progress)
+    return Candidate(parameters, "cma-surrogate", surrogate_loss=loss, space=space, stopped=stopped)
 
 
 def cma_solver(problem: Problem) -> Candidate:
@@ -526,16 +546,12 @@ def cma_solver(problem: Problem) -> Candidate:
     space = problem.space
 
     def batch_losses(population):
-        out = []
-        for unit in population:
-            with torch.no_grad():
-                seeds, mu_d, mu_rho = space.from_unit_tensor(torch.as_tensor(np.asarray(unit)[None]))
-                out.append(float(fd.losses(seeds, mu_d, mu_rho, problem.cancel)[0]))
-        return out
+        return [fd.loss_of(parameters, problem.cancel) for parameters in population]
 
-    parameters, loss = _cma(problem, space, batch_losses, _box_centre(space), problem.options.cma_solver_budget,
-                            "cma-solver", "fd", problem.progress)
-    return Candidate(parameters, "cma-solver", fd_loss=loss, space=space)
+    parameters, loss, stopped = _cma(problem, space, batch_losses, _box_centre(space),
+                                     problem.options.cma_solver_budget, "cma-solver", "fd", fd.no_tumor_loss(),
+                                     problem.progress)
+    return Candidate(parameters, "cma-solver", fd_loss=loss, space=space, stopped=stopped)
 
 
 def replace_progress(problem: Problem, progress: Optional[ProgressCallback]) -> "_SharedProblem":

@@ -230,6 +230,17 @@ class GriddedObservation:
             squared = 0.5 * ((p_visible - terms["visible"]) ** 2 + (p_core - terms["core"]) ** 2)
         return (squared * brain_mask).flatten(1).sum(1) / count
 
+    def no_tumor_loss(self, brain_mask, terms=None) -> float:
+        """The data loss of predicting no tumor anywhere (a concentration of 0 in every brain voxel of `brain_mask`,
+        a (K, J, I) torch tensor): the loss's natural scale, which shrinks with the tumor's share of the brain.
+
+        Optimisers whose stopping rule compares loss values (CMA-ES's tolfun) divide by it, so that the rule means the
+        same for a 2 cm^3 tumor and a 100 cm^3 one."""
+        import torch
+
+        empty = torch.zeros((1,) + tuple(brain_mask.shape), dtype=brain_mask.dtype, device=brain_mask.device)
+        return float(self.loss(empty, brain_mask, terms)[0])
+
 
 def _nearest(array: np.ndarray, source: Geometry, target: Geometry) -> np.ndarray:
     import SimpleITK as sitk

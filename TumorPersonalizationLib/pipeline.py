@@ -214,13 +214,16 @@ def _provenance(method, options, device, work, problem, candidate) -> Dict:
 
     from . import __version__
 
-    return {"software": "TumorPersonalizationLib", "version": __version__, "torch": torch.__version__,
-            "method": method, "winner": candidate.source, "device": device, "options": options.to_dict(),
-            "working_grid": work.geometry.describe(), "tissue_grid": problem.tissue.geometry.describe(),
-            "observation_kind": problem.observation.kind,
-            "imaging_model": dict(problem.observation.imaging.__dict__),
-            "models": problem.models_used,
-            "fd_runs_working_grid": problem._fd.runs if problem._fd is not None else 0}
+    out = {"software": "TumorPersonalizationLib", "version": __version__, "torch": torch.__version__,
+           "method": method, "winner": candidate.source, "device": device, "options": options.to_dict(),
+           "working_grid": work.geometry.describe(), "tissue_grid": problem.tissue.geometry.describe(),
+           "observation_kind": problem.observation.kind,
+           "imaging_model": dict(problem.observation.imaging.__dict__),
+           "models": problem.models_used,
+           "fd_runs_working_grid": problem._fd.runs if problem._fd is not None else 0}
+    if candidate.stopped:  # CMA-ES: which of its termination criteria ended the search
+        out["stopped"] = candidate.stopped
+    return out
 
 
 # ---- outputs, as one set --------------------------------------------------------------------------------------------

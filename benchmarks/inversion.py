@@ -79,6 +79,12 @@ LATER_AGE_FACTOR = 1.5
 LEGACY_MODELS = {"direct": ("inverse32",), "gb-surrogate": ("inverse32", "surrogate32"),
                  "hybrid": ("inverse32", "surrogate32"), "hybrid-fd": ("inverse32", "surrogate32"),
                  "cma-surrogate": ("surrogate32",), "cma-solver": ()}
+# A method's revision, raised when a change to its code changes its answers; rows of an older revision are neither
+# resumed nor reported (rows from before revisions were recorded are revision 1). 2: CMA-ES evaluates every
+# candidate with its seed projected onto the allowed voxels, and its tolfun is relative to the no-tumor loss.
+METHOD_REVISIONS = {"cma-surrogate": 2, "cma-solver": 2}
+# One run of this script: rows written by the same run were timed in the same sitting.
+RUN_ID = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def nipype_brain():
@@ -253,8 +259,9 @@ def run_task(cases: Cases, index: int, method: str, kind: str, forward: Dict):
            "fd_runs_working_grid": result.provenance["fd_runs_working_grid"], "winner": result.provenance["winner"],
            "models": {name: entry["sha256"] for name, entry in result.provenance["models"].items()},
            "shipped_models": dict(SHIPPED_MODELS), "threads": torch.get_num_threads(),
-           "evaluations": len(result.history), "loadavg_before": load_before, "loadavg_after": load_after,
-           "warnings": result.warnings}
+           "evaluations": len(result.history), "stopped": result.provenance.get("stopped"),
+           "method_revision": METHOD_REVISIONS.get(method, 1), "run_id": RUN_ID,
+           "loadavg_before": load_before, "loadavg_after": load_after, "warnings": result.warnings}
     growth = (later >= EDEMA_THRESHOLD) & (today < EDEMA_THRESHOLD)
     covered = later_growth_coverage(tissue, result.plans, growth, labels > 0, labels == 3, today)
     row.update(plan_cm3=result.plans.volumes_cm3["standard_cm3"], coverage_model=covered["model"],
@@ -308,6 +315,11 @@ def with_current_models(row) -> bool:
     return bool(used) and set(used) <= set(SHIPPED_MODELS.values())
 
 
+def is_current(row) -> bool:
+    """Whether a run counts: the networks shipped now (with_current_models) and its method's current revision."""
+    return with_current_models(row) and row.get("method_revision", 1) == METHOD_REVISIONS.get(row["method"], 1)
+
+
 def row_key(row):
     """A run's task."""
     return row["case"], row["method"], row["kind"], brain_of(row)
@@ -319,6 +331,20 @@ def read_runs():
     return [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
 
 
+def latest_per_task(rows):
+    """The last row of every task (the file is in the order the runs finished: a task run again replaces its row)."""
+    latest = {}
+    for row in rows:
+        latest[row_key(row)] = row
+    return list(latest.values())
+
+
+def same_sitting(rows) -> bool:
+    """Whether the rows were all written by one run of this script (rows from before runs recorded it: unknown)."""
+    ids = {row.get("run_id") for row in rows}
+    return len(ids) == 1 and None not in ids
+
+
 # ---- report ------------------------------------------------------------------------------------------------------
 METRICS = ("mse", "mae", "mse_normalised", "mae_normalised", "ncc", "dice_0.25", "dice_0.675")
 
@@ -327,7 +353,7 @@ def report(seed: int):
     import torch
 
     all_runs = [r for r in read_runs() if r.get("seed", seed) == seed]
-    runs = [r for r in all_runs if with_current_models(r)]
+    runs = latest_per_task([r for r in all_runs if is_current(r)])
     groups = {}
     for r in runs:
         groups.setdefault((r["method"], r["kind"], brain_of(r)), []).append(r)
@@ -342,7 +368,8 @@ def report(seed: int):
                # the runs' torch threads (rows from before they recorded it ran with 2, this machine's cores)
                "threads": sorted({r.get("threads", 2) for r in runs}) or [torch.get_num_threads()],
                "machine": "2-core CPU (development machine)",
-               "models": dict(SHIPPED_MODELS), "runs_of_replaced_models_left_out": len(all_runs) - len(runs),
+               "models": dict(SHIPPED_MODELS), "method_revisions": dict(METHOD_REVISIONS),
+               "runs_of_replaced_models_or_revisions_or_run_again_left_out": len(all_runs) - len(runs),
                "methods": {}}
     for (method, kind, brain), rows in sorted(groups.items(), key=lambda item: (item[0][2], item[0][:2])):
         metric_rows = [{k: r["metrics"][k] for k in METRICS} for r in rows]
@@ -388,7 +415,7 @@ def report(seed: int):
                                                                                          for a, _ in pairs])),
                     "ncc": float(np.mean([a["metrics"]["ncc"] for a, _ in pairs])),
                     "ncc_cma_solver": float(np.mean([b["metrics"]["ncc"] for _, b in pairs])),
-                    "same_sitting": not any(a.get("sitting") or b.get("sitting") for a, b in pairs)}
+                    "same_sitting": same_sitting([row for pair in pairs for row in pair])}
     out = ROOT / "benchmarks" / "inversion.json"
     out.write_text(json.dumps(summary, indent=2) + "\n")
     write_table(summary, ROOT / "benchmarks" / "inversion.md")
@@ -509,6 +536,11 @@ def main():
                                                                       "the testbrain extra; 0: none)")
     parser.add_argument("--hours", type=float, default=1.5, help="stop starting new tasks after this long")
     parser.add_argument("--only", help="run only this method")
+    parser.add_argument("--redo", default="", help="comma-separated methods to run again (concentration input, "
+                                                   "atlas) on the first --redo-cases cases even where done, e.g. to "
+                                                   "time them in the same sitting as cma-solver; their new rows "
+                                                   "replace the old ones in the report")
+    parser.add_argument("--redo-cases", type=int, default=5)
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--make-cases-only", action="store_true",
                         help="grow the cases not yet in data/inversion_cases and stop (untimed work: it may share "
@@ -517,7 +549,12 @@ def main():
     if args.report_only:
         report(args.seed)
         return
-    done = {row_key(r) for r in read_runs() if r.get("seed", args.seed) == args.seed and with_current_models(r)}
+    done = {row_key(r) for r in read_runs() if r.get("seed", args.seed) == args.seed and is_current(r)}
+    redo = [m for m in args.redo.split(",") if m]
+    unknown = sorted(set(redo) - set(FAST_METHODS + ("cma-surrogate", "cma-solver")))
+    if unknown:
+        parser.error(f"--redo: unknown method(s) {', '.join(unknown)}")
+    done -= {(i, m, "concentration", "atlas") for m in redo for i in range(args.redo_cases)}
     cases = {brain: Cases(args.seed, brain) for brain in BRAINS}
     started = time.perf_counter()
     forwards = {}
