@@ -364,3 +364,12 @@ def test_a_tumor_in_two_pieces_is_reported_also_at_the_image_face():
     assert not any("components" in w for w in one)
     visible[10:13, 10:13, 10:13] = True
     assert any("2 separate components" in w for w in _observation_warnings(tissue, visible, visible))
+
+
+def test_personalize_records_why_cma_stopped():
+    problem = _slab_problem()
+    observation = Observation.from_volume(problem.tissue.volume(problem.observation.concentration))
+    result = personalize(problem.tissue, observation, method="cma-solver", device="cpu", working_spacing_mm=None,
+                         options=InversionOptions(cma_solver_budget=24, seed_margin_mm=8.0))
+    assert "maxfevals" in result.provenance["stopped"]
+    assert len(result.history) <= 24 + 10  # the budget, finishing the generation it ends in

@@ -485,25 +485,38 @@ def plot(groups, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = sorted(groups, key=lambda k: (k[2], k[1], k[0]))
-    figure, axes = plt.subplots(1, 3, figsize=(18, 4.8))
+    method_order = FAST_METHODS + ("cma-surrogate", "cma-solver")
+    names = sorted(groups, key=lambda k: (BRAINS.index(k[2]), k[1], method_order.index(k[0])))
+    colours = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(method_order)}
+    figure, axes = plt.subplots(1, 3, figsize=(20, 6), gridspec_kw={"width_ratios": [1.3, 1.3, 1]})
     for x, key in enumerate(names):
         ncc = [r["metrics"]["ncc"] for r in groups[key]]
         axes[0].scatter(np.full(len(ncc), x) + np.random.default_rng(x).uniform(-0.15, 0.15, len(ncc)), ncc, s=10,
-                        alpha=0.7)
+                        alpha=0.7, color=colours[key[0]])
         axes[0].plot([x - 0.3, x + 0.3], [np.mean(ncc)] * 2, "k-", linewidth=1.5)
         times = [r["runtime_s"] for r in groups[key]]
-        axes[1].scatter(np.full(len(times), x), times, s=10, alpha=0.7)
-    labels = [f"{m}\n({k[:4]}{', shifted' if b == 'shifted' else ''})" for m, k, b in names]
+        axes[1].scatter(np.full(len(times), x), times, s=10, alpha=0.7, color=colours[key[0]])
+    labels = [f"{m} (seg.)" if k == "segmentation" else m for m, k, _ in names]
     for axis in axes[:2]:
-        axis.set_xticks(range(len(names)), labels, fontsize=6)
+        axis.set_xticks(range(len(names)), labels, fontsize=7, rotation=55, ha="right")
+        # One block of columns per brain, named above it.
+        for brain in BRAINS:
+            columns = [x for x, key in enumerate(names) if key[2] == brain]
+            if not columns:
+                continue
+            if columns[0] > 0:
+                axis.axvline(columns[0] - 0.5, color="grey", linewidth=0.8)
+            cases = max(len(groups[names[x]]) for x in columns)
+            axis.text((columns[0] + columns[-1]) / 2, 1.01, f"{BRAIN_NAMES[brain]} (up to {cases})",
+                      transform=axis.get_xaxis_transform(), ha="center", va="bottom", fontsize=7)
     axes[0].axhline(0.95, color="k", linestyle="--", linewidth=0.8)
     axes[0].axhline(0.85, color="k", linestyle=":", linewidth=0.8)
     axes[0].set_ylabel("NCC of the final FD run vs hidden truth (per case)")
-    axes[0].set_title("per-case NCC (bar: mean; targets: mean 0.95 dashed, worst 5 % 0.85 dotted)", fontsize=9)
+    axes[0].set_title("per-case NCC (bar: mean; targets: mean 0.95 dashed, worst 5 % 0.85 dotted)", fontsize=9,
+                      pad=16)
     axes[1].set_yscale("log")
     axes[1].set_ylabel("wall time per case (s)")
-    axes[1].set_title("wall time, 2-core CPU")
+    axes[1].set_title("wall time per case, 2-core CPU", fontsize=9, pad=16)
     # Equal-volume plans of the default method's segmentation fit, one group of four boxes per brain.
     ticks, tick_labels, counts = [], [], []
     for offset, brain in enumerate(b for b in BRAINS if (DEFAULT_METHOD, "segmentation", b) in groups):
