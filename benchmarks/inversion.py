@@ -60,6 +60,8 @@ from TumorPersonalizationLib.registry import SHIPPED_MODELS  # noqa: E402
 from TumorPersonalizationLib.plans import later_growth_coverage  # noqa: E402
 
 FAST_METHODS = ("direct", "gb-surrogate", "hybrid", "hybrid-fd")
+# Every method the benchmark runs, in the order its tables and plots list them (the CMA-ES ones on fewer cases).
+BENCHMARKED_METHODS = FAST_METHODS + ("cma-surrogate", "cma-solver")
 # Segmentation input, the clinical case: the default method and the most accurate one (when they differ).
 SEGMENTATION_METHODS = tuple(dict.fromkeys((DEFAULT_METHOD, "hybrid-fd")))
 CLEAN_LOAD = 2.5
@@ -485,9 +487,8 @@ def plot(groups, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    method_order = FAST_METHODS + ("cma-surrogate", "cma-solver")
-    names = sorted(groups, key=lambda k: (BRAINS.index(k[2]), k[1], method_order.index(k[0])))
-    colours = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(method_order)}
+    names = sorted(groups, key=lambda k: (BRAINS.index(k[2]), k[1], BENCHMARKED_METHODS.index(k[0])))
+    colours = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(BENCHMARKED_METHODS)}
     figure, axes = plt.subplots(1, 3, figsize=(20, 6), gridspec_kw={"width_ratios": [1.3, 1.3, 1]})
     for x, key in enumerate(names):
         ncc = [r["metrics"]["ncc"] for r in groups[key]]
@@ -564,7 +565,7 @@ def main():
         return
     done = {row_key(r) for r in read_runs() if r.get("seed", args.seed) == args.seed and is_current(r)}
     redo = [m for m in args.redo.split(",") if m]
-    unknown = sorted(set(redo) - set(FAST_METHODS + ("cma-surrogate", "cma-solver")))
+    unknown = sorted(set(redo) - set(BENCHMARKED_METHODS))
     if unknown:
         parser.error(f"--redo: unknown method(s) {', '.join(unknown)}")
     done -= {(i, m, "concentration", "atlas") for m in redo for i in range(args.redo_cases)}
