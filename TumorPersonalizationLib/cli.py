@@ -37,22 +37,34 @@ def _add_tissue_options(parser):
     group.add_argument("--csf", help="CSF probability map")
 
 
-def load_tissue_from_args(args):
-    from .atlas import load_atlas
-    from .tissue import Tissue, TissueLabels
-
-    maps = [args.wm, args.gm, args.csf]
+def tissue_source(args):
+    """Which tissue the --tissue / --wm --gm --csf options name, checked before anything is read (the command line
+    and scripts/slicer_batch.py share it): ("maps", (wm, gm, csf) paths), ("atlas", spacing in mm) or ("file",
+    path). Raises InputError when no tissue is given, when the maps are incomplete, or when both kinds are given."""
+    maps = (args.wm, args.gm, args.csf)
     if args.tissue and any(maps):
         raise InputError("give either --tissue or --wm/--gm/--csf, not both")
     if any(maps):
         if not all(maps):
             raise InputError("probability maps need all three of --wm, --gm and --csf")
-        return Tissue.from_probabilities(*maps)
+        return "maps", maps
     if not args.tissue:
         raise InputError("no tissue given: use --tissue FILE (or --tissue atlas) or --wm/--gm/--csf")
     if args.tissue in ATLAS_NAMES:
-        return load_atlas(ATLAS_NAMES[args.tissue])
-    return Tissue.from_file(args.tissue, TissueLabels(*args.labels))
+        return "atlas", ATLAS_NAMES[args.tissue]
+    return "file", args.tissue
+
+
+def load_tissue_from_args(args):
+    from .atlas import load_atlas
+    from .tissue import Tissue, TissueLabels
+
+    kind, source = tissue_source(args)
+    if kind == "maps":
+        return Tissue.from_probabilities(*source)
+    if kind == "atlas":
+        return load_atlas(source)
+    return Tissue.from_file(source, TissueLabels(*args.labels))
 
 
 def _check_device(name: str) -> str:

@@ -40,12 +40,12 @@ def _make_library_importable() -> None:
 _make_library_importable()
 
 from TumorPersonalizationLib import mrml  # noqa: E402
+from TumorPersonalizationLib.cli import tissue_source  # noqa: E402
 from TumorPersonalizationLib.errors import InputError  # noqa: E402
 
 EXIT_INPUT_ERROR = 2
 OUTPUT_FILES = ("parameters.json", "infiltration.nrrd", "target_plans.seg.nrrd", "seed.mrk.json", "results.tsv",
                 "report.png")
-ATLAS_NAMES = {"atlas": 2, "atlas-2mm": 2, "atlas-1mm": 1}
 SEGMENTATION_SUFFIX = ".seg.nrrd"
 
 
@@ -133,30 +133,24 @@ def load_tissue(scene, args):
     """(Tissue, the node or nodes it was read from), through the same bridge calls as the module's Logic."""
     from TumorPersonalizationLib.tissue import Tissue, TissueLabels
 
-    probability_files = [args.wm, args.gm, args.csf]
-    if args.tissue and any(probability_files):
-        raise InputError("give either --tissue or --wm/--gm/--csf, not both")
-    if any(probability_files):
-        if not all(probability_files):
-            raise InputError("probability maps need all three of --wm, --gm and --csf")
+    kind, source = tissue_source(args)
+    if kind == "maps":
         nodes = tuple(read_volume_node(scene, path, f"tissue {name}")
-                      for name, path in zip(("WM", "GM", "CSF"), probability_files))
+                      for name, path in zip(("WM", "GM", "CSF"), source))
         return mrml.tissue_from_probability_nodes(*nodes), nodes
-    if not args.tissue:
-        raise InputError("no tissue given: use --tissue FILE (or --tissue atlas) or --wm/--gm/--csf")
-    if args.tissue in ATLAS_NAMES:
+    if kind == "atlas":
         from TumorPersonalizationLib.atlas import load_atlas
 
-        nodes = _probability_nodes_from_tissue(scene, load_atlas(ATLAS_NAMES[args.tissue]))
+        nodes = _probability_nodes_from_tissue(scene, load_atlas(source))
         return mrml.tissue_from_probability_nodes(*nodes), nodes
-    if args.tissue.lower().endswith(SEGMENTATION_SUFFIX):
-        node = read_segmentation_node(scene, args.tissue, "tissue")
+    if source.lower().endswith(SEGMENTATION_SUFFIX):
+        node = read_segmentation_node(scene, source, "tissue")
         names = dict(zip(("wm", "gm", "csf"), args.segment_names))
         return mrml.tissue_from_segmentation_node(node, segment_names=names), node
-    if Path(args.tissue).is_file() and _component_count(args.tissue) == 3:
-        nodes = _probability_nodes_from_tissue(scene, Tissue.from_file(args.tissue))
+    if Path(source).is_file() and _component_count(source) == 3:
+        nodes = _probability_nodes_from_tissue(scene, Tissue.from_file(source))
         return mrml.tissue_from_probability_nodes(*nodes), nodes
-    node = read_volume_node(scene, args.tissue, "tissue labels", labelmap=True)
+    node = read_volume_node(scene, source, "tissue labels", labelmap=True)
     return mrml.tissue_from_labelmap_node(node, TissueLabels(*args.labels)), node
 
 
