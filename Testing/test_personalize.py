@@ -373,3 +373,30 @@ def test_personalize_records_why_cma_stopped():
                          options=InversionOptions(cma_solver_budget=24, seed_margin_mm=8.0))
     assert "maxfevals" in result.provenance["stopped"]
     assert len(result.history) <= 24 + 10  # the budget, finishing the generation it ends in
+
+
+def test_the_search_runs_with_numpys_blas_on_one_thread_and_lifts_the_limit_after(atlas_case, monkeypatch):
+    """OpenBLAS's threads, left spinning after a numpy/scipy call, compete with torch's threads for the cores: on 2
+    cores the default method ran 30-40 % slower (benchmarks/timing_repeats.json). The search runs with BLAS held to
+    the calling thread, and the caller's setting comes back afterwards, also when the run ends in an exception."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    import TumorPersonalizationLib.pipeline as pipeline
+
+    def blas_threads():
+        return {info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"}
+
+    seen = []
+
+    def spy(method, problem):
+        seen.append(blas_threads())
+        raise Cancelled()
+
+    monkeypatch.setattr(pipeline, "run_method", spy)
+    tissue, hidden = atlas_case
+    with threadpool_limits(limits=2, user_api="blas"):  # the caller's setting, not 1 even on a 1-core machine
+        before = blas_threads()
+        with pytest.raises(Cancelled):
+            personalize(tissue, Observation.from_volume(hidden), device="cpu")
+        assert blas_threads() == before == {2}
+    assert seen == [{1}]

@@ -91,7 +91,8 @@ DEFAULT_TISSUE_LABELS = {"csf": 1, "gm": 2, "wm": 3}
 # torch comes from Slicer's PyTorch extension; the rest through pip. Never numpy or SimpleITK: Slicer ships its own,
 # and the install below pins them to the versions already there.
 TORCH_REQUIREMENT = ">=2.1"
-PIP_REQUIREMENTS = {"scipy": "scipy>=1.7", "cma": "cma>=3.2", "tqdm": "tqdm>=4.60"}
+PIP_REQUIREMENTS = {"scipy": "scipy>=1.7", "cma": "cma>=3.2", "tqdm": "tqdm>=4.60",
+                    "threadpoolctl": "threadpoolctl>=3.1"}
 SLICER_OWNED_PACKAGES = ("numpy", "SimpleITK")
 
 # Output nodes are remembered on the tumor node under these reference roles, so a re-run replaces them.

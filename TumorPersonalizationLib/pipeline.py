@@ -9,6 +9,7 @@ tumor's centre of mass; the answer is then run once more with the FD solver on t
 fronts are resolved as finely as the data allow), and that run is the infiltration map, its loss the reported loss,
 and the base of the plans.
 """
+import contextlib
 import json
 import os
 import shutil
@@ -100,6 +101,34 @@ def personalize(tissue: Tissue, observation: Union[Observation, Volume], method:
     Raises InputError for bad input (empty tumor, tumor outside the brain or the image, unknown method, missing or
     corrupt weights) and progress.Cancelled when cancelled; nothing is written either way.
     """
+    with blas_single_threaded():
+        return _personalize(tissue, observation, method, progress, cancel, device, working_spacing_mm, options,
+                            iso_level, margin_mm)
+
+
+def blas_single_threaded():
+    """A context in which numpy's and scipy's BLAS runs on the calling thread only.
+
+    Why: a search alternates short numpy/scipy steps (the L-BFGS-B update, resampling) with torch's multi-threaded
+    network and solver passes. On a 2-core machine OpenBLAS's worker threads, left spinning after a BLAS call, then
+    compete with torch's threads for the same cores: a backward pass of the surrogate inside gb-surrogate's L-BFGS-B
+    took 18-140 ms, against 13-22 ms in a loop of backward passes alone, and the default method ran up to 1.8 times
+    as long on small tumors (benchmarks/timing_repeats.json: both ways in one sitting, 10 cases x 4 rounds). No step of a personalisation gains
+    from threaded BLAS: what it hands to BLAS is tiny (a 5-vector search, 4x4 affines). Without threadpoolctl (a
+    Slicer install from before it was a dependency) this does nothing."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    # A limit reaches only the BLAS libraries loaded when it is set, and scipy brings its own OpenBLAS (the one
+    # L-BFGS-B calls), loaded on scipy's first import of linalg: in a fresh process (the CLI) that would come later.
+    import scipy.optimize  # noqa: F401
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _personalize(tissue, observation, method, progress, cancel, device, working_spacing_mm, options, iso_level,
+                 margin_mm) -> PersonalizationResult:
     started = time.perf_counter()
     method = method or DEFAULT_METHOD
     if method not in METHODS:

@@ -33,6 +33,7 @@ grid), and on --nipype-cases cases (default 15) on another template brain from a
 trained on.
 """
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -85,6 +86,10 @@ LEGACY_MODELS = {"direct": ("inverse32",), "gb-surrogate": ("inverse32", "surrog
 # resumed nor reported (rows from before revisions were recorded are revision 1). 2: CMA-ES evaluates every
 # candidate with its seed projected onto the allowed voxels, and its tolfun is relative to the no-tumor loss.
 METHOD_REVISIONS = {"cma-surrogate": 2, "cma-solver": 2}
+# Whether `personalize` held numpy's BLAS to one thread (pipeline.blas_single_threaded, with threadpoolctl): rows
+# from before it ran with OpenBLAS's threads competing with torch's, about 1.6x slower on small cases
+# (benchmarks/timing_repeats.json); their answers are the same.
+BLAS_LIMITED = importlib.util.find_spec("threadpoolctl") is not None
 # One run of this script: rows written by the same run were timed in the same sitting.
 RUN_ID = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -263,7 +268,8 @@ def run_task(cases: Cases, index: int, method: str, kind: str, forward: Dict):
            "shipped_models": dict(SHIPPED_MODELS), "threads": torch.get_num_threads(),
            "evaluations": len(result.history), "stopped": result.provenance.get("stopped"),
            "method_revision": METHOD_REVISIONS.get(method, 1), "run_id": RUN_ID,
-           "loadavg_before": load_before, "loadavg_after": load_after, "warnings": result.warnings}
+           "loadavg_before": load_before, "loadavg_after": load_after, "warnings": result.warnings,
+           "blas_single_threaded": BLAS_LIMITED}
     growth = (later >= EDEMA_THRESHOLD) & (today < EDEMA_THRESHOLD)
     covered = later_growth_coverage(tissue, result.plans, growth, labels > 0, labels == 3, today)
     row.update(plan_cm3=result.plans.volumes_cm3["standard_cm3"], coverage_model=covered["model"],
@@ -388,6 +394,7 @@ def report(seed: int):
             entry["runtime_in_forward_runs"]["cases_over_4"] = int(sum(r["runtime_in_forward_runs"] > 4.0
                                                                        for r in clean))
         entry["samples"] = len(rows)  # every case (the timing summary above counted only the clean ones)
+        entry["timed_with_blas_single_threaded"] = int(sum(bool(r.get("blas_single_threaded")) for r in rows))
         # Rows kept from an earlier sitting (tagged by the commit they ran on) when a change could not alter their
         # answers: their timings are from that sitting's machine state, not comparable with this one's.
         earlier = sorted({r["sitting"] for r in rows if r.get("sitting")})
@@ -441,7 +448,9 @@ def write_table(summary, path):
              "on another template brain segmented by another tool; every method's final FD run on the "
              "1 mm grid against the hidden truth, inside the brain; mean ± standard error over cases. Wall time on "
              "this 2-core CPU (torch threads: {}); `clean` counts the runs whose timing was taken with a 1-minute "
-             "load average < 2.5. Networks: {}.".format(", ".join(map(str, summary["threads"])),
+             "load average < 2.5; rows not marked 'timed with BLAS on one thread' ran before `personalize` held "
+             "numpy's BLAS to one thread, with its threads competing with torch's (slower, same answers; see "
+             "timing_repeats.json). Networks: {}.".format(", ".join(map(str, summary["threads"])),
                                           ", ".join(summary["models"].values())), "",
              "| method (input) | cases | MSE (1e-3) | MAE (1e-2) | norm. MSE | norm. MAE | NCC | NCC worst 5 % | "
              "seed error mm | mu_D rel. err. | mu_rho rel. err. | wall time s (median) | × 1 mm forward runs: max (cases > 4) | "
@@ -451,6 +460,8 @@ def write_table(summary, path):
         if "earlier_sitting" in e:
             name += (f" ({e['earlier_sitting']['rows']} of {e['samples']} rows from the earlier sitting at "
                      f"{', '.join(e['earlier_sitting']['commits'])})")
+        if e.get("timed_with_blas_single_threaded"):
+            name += f" ({e['timed_with_blas_single_threaded']} of {e['samples']} timed with BLAS on one thread)"
         lines.append(f"| {name} | {e['samples']} | {_pm(e, 'mse', 1e3)} | {_pm(e, 'mae', 1e2)} | "
                      f"{_pm(e, 'mse_normalised')} | {_pm(e, 'mae_normalised')} | {_pm(e, 'ncc')} | "
                      f"{e['ncc']['worst_5_percent_mean']:.3f} | {_pm(e, 'seed_error_mm', digits=1)} | "
@@ -550,10 +561,11 @@ def main():
                                                                       "the testbrain extra; 0: none)")
     parser.add_argument("--hours", type=float, default=1.5, help="stop starting new tasks after this long")
     parser.add_argument("--only", help="run only this method")
-    parser.add_argument("--redo", default="", help="comma-separated methods to run again (concentration input, "
-                                                   "atlas) on the first --redo-cases cases even where done, e.g. to "
-                                                   "time them in the same sitting as cma-solver; their new rows "
-                                                   "replace the old ones in the report")
+    parser.add_argument("--redo", default="", help="comma-separated methods to run again (atlas; concentration "
+                                                   "input, and segmentation input for the methods the benchmark fits "
+                                                   "to segmentations) on the first --redo-cases cases even where "
+                                                   "done, e.g. to time them in the same sitting as cma-solver; their "
+                                                   "new rows replace the old ones in the report")
     parser.add_argument("--redo-cases", type=int, default=5)
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--make-cases-only", action="store_true",
@@ -568,7 +580,8 @@ def main():
     unknown = sorted(set(redo) - set(BENCHMARKED_METHODS))
     if unknown:
         parser.error(f"--redo: unknown method(s) {', '.join(unknown)}")
-    done -= {(i, m, "concentration", "atlas") for m in redo for i in range(args.redo_cases)}
+    done -= {(i, m, kind, "atlas") for m in redo for i in range(args.redo_cases)
+             for kind in ("concentration",) + (("segmentation",) if m in SEGMENTATION_METHODS else ())}
     cases = {brain: Cases(args.seed, brain) for brain in BRAINS}
     started = time.perf_counter()
     forwards = {}
