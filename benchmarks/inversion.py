@@ -567,6 +567,8 @@ def main():
                                                    "done, e.g. to time them in the same sitting as cma-solver; their "
                                                    "new rows replace the old ones in the report")
     parser.add_argument("--redo-cases", type=int, default=5)
+    parser.add_argument("--redo-first", type=int, default=0, help="--redo starts at this case (a redo that stopped "
+                                                                   "part-way goes on from where it stopped)")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--make-cases-only", action="store_true",
                         help="grow the cases not yet in data/inversion_cases and stop (untimed work: it may share "
@@ -580,7 +582,7 @@ def main():
     unknown = sorted(set(redo) - set(BENCHMARKED_METHODS))
     if unknown:
         parser.error(f"--redo: unknown method(s) {', '.join(unknown)}")
-    done -= {(i, m, kind, "atlas") for m in redo for i in range(args.redo_cases)
+    done -= {(i, m, kind, "atlas") for m in redo for i in range(args.redo_first, args.redo_cases)
              for kind in ("concentration",) + (("segmentation",) if m in SEGMENTATION_METHODS else ())}
     cases = {brain: Cases(args.seed, brain) for brain in BRAINS}
     started = time.perf_counter()
