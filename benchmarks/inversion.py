@@ -87,7 +87,7 @@ LEGACY_MODELS = {"direct": ("inverse32",), "gb-surrogate": ("inverse32", "surrog
 # candidate with its seed projected onto the allowed voxels, and its tolfun is relative to the no-tumor loss.
 METHOD_REVISIONS = {"cma-surrogate": 2, "cma-solver": 2}
 # Whether `personalize` held numpy's BLAS to one thread (pipeline.blas_single_threaded, with threadpoolctl): rows
-# from before it ran with OpenBLAS's threads competing with torch's, about 1.6x slower on small cases
+# from before it ran with OpenBLAS's threads competing with torch's, up to 1.8x slower on small cases
 # (benchmarks/timing_repeats.json); their answers are the same.
 BLAS_LIMITED = importlib.util.find_spec("threadpoolctl") is not None
 # One run of this script: rows written by the same run were timed in the same sitting.
@@ -240,6 +240,13 @@ def segmentation_of(today: np.ndarray) -> np.ndarray:
     return labels
 
 
+def observation_of(tissue, today: np.ndarray, kind: str) -> Observation:
+    """What a method is given: the case's tumor today as a concentration map, or thresholded into labels."""
+    if kind == "segmentation":
+        return Observation.from_volume(tissue.volume(segmentation_of(today)), "segmentation")
+    return Observation.from_volume(tissue.volume(today), "concentration")
+
+
 def run_task(cases: Cases, index: int, method: str, kind: str, forward: Dict):
     import torch
 
@@ -247,10 +254,7 @@ def run_task(cases: Cases, index: int, method: str, kind: str, forward: Dict):
     tissue = cases.tissue_of(index)
     brain = tissue.brain_mask
     labels = segmentation_of(today)
-    if kind == "segmentation":
-        observation = Observation.from_volume(tissue.volume(labels), "segmentation")
-    else:
-        observation = Observation.from_volume(tissue.volume(today), "concentration")
+    observation = observation_of(tissue, today, kind)
     load_before = os.getloadavg()[0]
     result = personalize(tissue, observation, method=method, device="cpu", options=InversionOptions())
     load_after = os.getloadavg()[0]

@@ -37,13 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from inversion import Cases, brain_of, is_current, latest_per_task, read_runs, segmentation_of  # noqa: E402
+from inversion import Cases, brain_of, is_current, latest_per_task, observation_of, read_runs  # noqa: E402
 
 import TumorPersonalizationLib.pipeline as pipeline  # noqa: E402
 from TumorPersonalizationLib.constants import DEFAULT_METHOD  # noqa: E402
 from TumorPersonalizationLib.inversion import InversionOptions  # noqa: E402
 from TumorPersonalizationLib.metrics import compare  # noqa: E402
-from TumorPersonalizationLib.observation import Observation  # noqa: E402
 from TumorPersonalizationLib.pipeline import personalize  # noqa: E402
 
 KINDS = ("concentration", "segmentation")
@@ -67,15 +66,6 @@ def hardest_cases(shots, top: int):
     for (case, _), row in shots.items():
         worst[case] = max(worst.get(case, 0.0), row["runtime_in_forward_runs"])
     return sorted(worst, key=lambda case: -worst[case])[:top]
-
-
-def observation_of(cases: Cases, index: int, kind: str) -> Observation:
-    """The observation the benchmark gives the method (benchmarks/inversion.py run_task)."""
-    _, today, _, _ = cases.get(index)
-    tissue = cases.tissue_of(index)
-    if kind == "segmentation":
-        return Observation.from_volume(tissue.volume(segmentation_of(today)), "segmentation")
-    return Observation.from_volume(tissue.volume(today), "concentration")
 
 
 def summarise(records, shots, cases_run):
@@ -137,7 +127,7 @@ def plot(per_task, records, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--top", type=int, default=5, help="how many of the slowest cases (by single-shot ratio)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per case and input kind")
+    parser.add_argument("--repeats", type=int, default=4, help="timed rounds per case and input kind")
     parser.add_argument("--seed", type=int, default=2026, help="the inversion benchmark's case stream")
     args = parser.parse_args()
     import torch
@@ -151,7 +141,8 @@ def main():
     if missing:
         raise SystemExit(f"no committed single shot for {missing}: run benchmarks/inversion.py first")
     cases = Cases(args.seed, "atlas")
-    observations = {(c, k): observation_of(cases, c, k) for c in cases_run for k in KINDS}  # untimed
+    observations = {(c, k): observation_of(cases.tissue_of(c), cases.get(c)[1], k)
+                    for c in cases_run for k in KINDS}  # untimed
     # Warm-up (untimed): loads the networks and the first operator, as the benchmark's run had before its rows.
     personalize(cases.tissue_of(cases_run[0]), observations[(cases_run[0], KINDS[0])], method=DEFAULT_METHOD,
                 device="cpu", options=InversionOptions())
@@ -205,6 +196,7 @@ def main():
     print(f"worst median {output['worst_median_ratio']}; rounds over {TARGET_FORWARD_RUNS:g}: "
           f"{output['rounds_over_target']} of {output['rounds_per_arm']} per arm; NCC deviation "
           f"{output['ncc_max_deviation']:.1e}")
+
 
 if __name__ == "__main__":
     main()
