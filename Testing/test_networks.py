@@ -8,7 +8,7 @@ import torch
 from test_dataset import small_config
 from TumorPersonalizationLib import InputError
 from TumorPersonalizationLib.dataset import generate
-from TumorPersonalizationLib.inverse import InverseConfig, InverseNet
+from TumorPersonalizationLib.inverse import MIRROR_AXIS, MIRROR_SIGNS, InverseConfig, InverseNet, predict_mirror_averaged
 from TumorPersonalizationLib.parameters import ParameterScaling
 from TumorPersonalizationLib.registry import SHIPPED_MODELS, load_model, save_model
 from TumorPersonalizationLib.surrogate import SurrogateConfig, SurrogateUNet, masked_mse
@@ -298,6 +298,48 @@ def test_moving_the_surrogate_seed_along_plus_x_moves_the_tumor_along_plus_x_in_
     for shift, solver_shift in zip(surrogate_steps, solver_steps):
         assert shift[0] > 0.5 * solver_shift[0], (surrogate_steps, solver_steps)  # moved right by several mm
         assert abs(shift[0]) > 2 * max(abs(shift[1]), abs(shift[2])), surrogate_steps
+
+
+def test_the_mirror_averaged_inverse_answer_is_exactly_mirror_symmetric():
+    """Averaged with its answer to the mirrored input, an inverse net (random weights: it holds for any) answers a
+    left-right mirrored input with the mirrored parameters: the seed's x offset changes sign, the rest is equal.
+    One pass alone is not symmetric, so the test can tell the two apart."""
+    torch.manual_seed(0)
+    model = InverseNet(InverseConfig(**dict(TINY, in_channels=4))).eval()
+    tissue, tumor = torch.rand(2, 3, 16, 16, 16), torch.rand(2, 16, 16, 16)
+    flip = lambda x: torch.flip(x, (MIRROR_AXIS,))  # noqa: E731
+    signs = torch.tensor(MIRROR_SIGNS)
+    with torch.no_grad():
+        averaged, averaged_of_mirror = (predict_mirror_averaged(model, tissue, tumor),
+                                        predict_mirror_averaged(model, flip(tissue), flip(tumor)))
+        plain, plain_of_mirror = model(tissue, tumor), model(flip(tissue), flip(tumor))
+    assert torch.allclose(averaged_of_mirror, averaged * signs, atol=1e-6)
+    assert torch.allclose(averaged, (plain + plain_of_mirror * signs) / 2, atol=1e-7)
+    assert not torch.allclose(plain_of_mirror, plain * signs, atol=1e-3)
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_the_mirror_is_left_right_in_the_networks_frame(oblique):
+    """The flip predict_mirror_averaged makes is the frame's left-right mirror on both of the frame's paths (cut from
+    an axis-aligned grid, or resampled from an oblique one): its last grid axis runs along +x (RAS), and MIRROR_SIGNS
+    turn the normalised parameters of a seed into those of the seed mirrored about the frame's centre in x."""
+    from TumorPersonalizationLib.frame import SurrogateFrame
+    from TumorPersonalizationLib.geometry import Geometry
+
+    angle = np.radians(20.0) if oblique else 0.0
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]])
+    source = Geometry((60, 90, 80), (2.0, 2.0, 2.0), (-80.0, -90.0, -60.0), rotation)
+    centre = np.array([-20.0, 5.0, 10.0])
+    frame = SurrogateFrame.around(centre, source, grid=32, cube_mm=128.0)
+    assert (frame.source_box_kji is None) == oblique
+    last = frame.geometry.index_kji_to_ras(np.array([0.0, 0.0, 31.0])) - frame.geometry.index_kji_to_ras(np.zeros(3))
+    assert last[0] == pytest.approx(124.0) and np.allclose(last[1:], 0.0)
+    middle = frame.center_ras_mm  # on the cut path the frame's voxels sit on the source's, near `centre`
+    seed = middle + np.array([10.0, -6.0, 7.0])
+    mirrored_seed, mu_d, mu_rho = frame.denormalise(frame.normalise(seed, np.array(8.0), np.array(3.0))
+                                                    * np.array(MIRROR_SIGNS))
+    assert np.allclose(mirrored_seed, middle + np.array([-10.0, -6.0, 7.0]))
+    assert mu_d == pytest.approx(8.0) and mu_rho == pytest.approx(3.0)
 
 
 def test_a_resumed_training_run_equals_an_uninterrupted_one(tmp_path):

@@ -8,8 +8,8 @@ import pytest
 
 from TumorPersonalizationLib import GrowthParameters, simulate
 from TumorPersonalizationLib.errors import InputError
-from TumorPersonalizationLib.inversion import (Candidate, InversionOptions, cma_solver, fd_polish, gb_surrogate,
-                                               hybrid)
+from TumorPersonalizationLib.inversion import (Candidate, InversionOptions, cma_solver, direct, fd_polish,
+                                               gb_surrogate, hybrid)
 from TumorPersonalizationLib.observation import Observation, SegmentationLabels
 from TumorPersonalizationLib.pipeline import personalize, prepare_problem, write_outputs
 from TumorPersonalizationLib.progress import Cancelled
@@ -152,6 +152,33 @@ def test_no_tumor_loss_of_a_concentration_is_its_mean_square_over_the_brain():
     brain = fd.brain.numpy() > 0
     observed = problem.work_observation.concentration
     assert fd.no_tumor_loss() == pytest.approx(float(np.mean(observed[brain] ** 2)), rel=1e-5)
+
+
+def test_direct_asks_the_inverse_net_twice_and_averages_with_the_mirror_unless_told_not_to(atlas_case):
+    """direct's answer is the frame's denormalised predict_mirror_averaged (inverse_mirror_average, the default), or
+    one plain pass when the option is off; the two differ, so the option reaches the network."""
+    import torch
+
+    from TumorPersonalizationLib.inverse import predict_mirror_averaged
+
+    tissue, hidden = atlas_case
+    answers = {}
+    for mirror in (True, False):
+        problem, _ = prepare_problem(tissue, Observation.from_volume(hidden),
+                                     InversionOptions(inverse_mirror_average=mirror), device="cpu")
+        model, card, frame = problem.inverse()
+        channels = torch.as_tensor(frame.tissue_channels(problem.tissue)[None])
+        tumor = torch.as_tensor(frame.sample(problem.observation.pseudo_concentration())[None])
+        with torch.no_grad():
+            normalised = (predict_mirror_averaged(model, channels, tumor) if mirror else model(channels, tumor))[0]
+        seed, mu_d, mu_rho = frame.denormalise(normalised.double().numpy())
+        expected = problem.network_space(card).project(GrowthParameters(tuple(seed), float(mu_d), float(mu_rho)))
+        answers[mirror] = direct(problem).parameters
+        assert np.allclose(answers[mirror].seed_ras_mm, expected.seed_ras_mm, atol=1e-6)
+        assert answers[mirror].mu_d_mm == pytest.approx(expected.mu_d_mm, rel=1e-6)
+        assert answers[mirror].mu_rho == pytest.approx(expected.mu_rho, rel=1e-6)
+    assert abs(answers[True].mu_d_mm - answers[False].mu_d_mm) > 1e-4 \
+        or not np.allclose(answers[True].seed_ras_mm, answers[False].seed_ras_mm, atol=1e-3)
 
 
 def test_hybrid_keeps_the_candidate_with_the_lower_fd_loss(atlas_case, monkeypatch):

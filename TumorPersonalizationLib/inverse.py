@@ -26,3 +26,24 @@ class InverseNet(nn.Module):
         x, _ = self.encoder(torch.cat([tissue, tumor[:, None]], dim=1))
         pooled = self.norm(x).mean(dim=(2, 3, 4))
         return torch.tanh(self.head(pooled))
+
+
+# The networks' frames are axis-aligned in RAS (frame.SurrogateFrame: identity direction on both of its paths), so a
+# frame's last grid axis is RAS x and a flip along it is the left-right mirror image of brain and tumor, the kind of
+# brain the training data hold (the atlas and its mirror image, mirror_probability 0.5). Mirrored, the seed's x
+# offset from the frame's centre changes sign and mu_D, mu_rho do not.
+MIRROR_AXIS = -1
+MIRROR_SIGNS = (-1.0, 1.0, 1.0, 1.0, 1.0)
+
+
+def predict_mirror_averaged(model: nn.Module, tissue: torch.Tensor, tumor: torch.Tensor) -> torch.Tensor:
+    """The mean of the network's answer and of its answer to the left-right mirrored input, mirrored back.
+
+    tissue (B, 3, G, G, G) and tumor (B, G, G, G) on a frame's grid; returns normalised parameters (B, 5). Two
+    forward passes: the network is not exactly mirror-symmetric, and averaging the two answers cancels part of its
+    error (on the held-out test set the mean mu_D error fell from 13.3 % to 12.2 % and the seed error from 6.3 to
+    5.6 mm; benchmarks/surrogate32_v3.json)."""
+    signs = torch.tensor(MIRROR_SIGNS, dtype=tissue.dtype, device=tissue.device)
+    plain = model(tissue, tumor)
+    mirrored = model(torch.flip(tissue, (MIRROR_AXIS,)), torch.flip(tumor, (MIRROR_AXIS,))) * signs
+    return (plain + mirrored) / 2.0

@@ -35,6 +35,7 @@ from .constants import METHODS, STANDARD_MARGIN_MM
 from .errors import InputError
 from .frame import SurrogateFrame
 from .geometry import Geometry
+from .inverse import predict_mirror_averaged
 from .observation import GriddedObservation
 from .parameters import MU_D_MM_BOUNDS, MU_RHO_BOUNDS, GrowthParameters
 from .progress import ProgressCallback, check_cancel, report, sub_progress
@@ -62,6 +63,9 @@ class InversionOptions:
     fd_max_evaluations: int = 8
     fd_trust_factor: float = 1.5  # hybrid-fd: mu_D and mu_rho stay within this factor of the polish's start
     hybrid_seed_held: bool = False  # hybrid: also judge gb-surrogate with the inverse net's seed held (see hybrid)
+    # The inverse net's answer averaged with its answer to the left-right mirrored input (one more pass of a few
+    # ms; inverse.predict_mirror_averaged). False: one pass, as the methods ran before (benchmark revision 1).
+    inverse_mirror_average: bool = True
     # FD runs on the working grid (judge, polish, cma-solver) take longer time steps than the solver's defaults (0.5
     # voxel, 0.4): the front may move 1 voxel per step and the reaction step is 0.5 / mu_rho^3. That stays within
     # 1e-3 (max abs) of a converged run on the 2 mm atlas up to mu_D 20 mm, mu_rho 6 (test_solver_physics), the
@@ -442,7 +446,9 @@ def direct(problem: Problem) -> Candidate:
     tumor = torch.as_tensor(frame.sample(problem.observation.pseudo_concentration())[None], dtype=torch.float32,
                             device=problem.device)
     with torch.no_grad():
-        normalised = model(tissue, tumor)[0].cpu().double().numpy()
+        answer = predict_mirror_averaged(model, tissue, tumor) if problem.options.inverse_mirror_average \
+            else model(tissue, tumor)
+    normalised = answer[0].cpu().double().numpy()
     seed, mu_d, mu_rho = frame.denormalise(normalised)
     raw = GrowthParameters(tuple(seed), float(np.clip(mu_d, 0, MU_D_MM_BOUNDS[1])),
                            float(np.clip(mu_rho, 0, MU_RHO_BOUNDS[1])))

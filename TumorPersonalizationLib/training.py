@@ -81,15 +81,20 @@ def evaluate_surrogate(model, tensors, device="cpu", batch_size=8) -> Dict:
 
 
 def predict_inverse(model, tensors, scaling: ParameterScaling, device="cpu", batch_size=8,
-                    tumor_input: str = "concentration") -> Dict[str, np.ndarray]:
+                    tumor_input: str = "concentration", mirror_average: bool = False) -> Dict[str, np.ndarray]:
     """Predicted and true physical parameters of every sample: seed offsets (mm), mu_D (mm), mu_rho; the network
-    shown tensors[tumor_input] ("concentration" or "segmentation_input")."""
+    shown tensors[tumor_input] ("concentration" or "segmentation_input"); mirror_average=True: the answer averaged
+    with the mirrored input's (inverse.predict_mirror_averaged, as the inversion's direct method asks it)."""
+    from .inverse import predict_mirror_averaged
+
     out = {k: [] for k in ("seed_predicted", "seed_true", "mu_d_predicted", "mu_d_true", "mu_rho_predicted",
                            "mu_rho_true")}
     model.eval()
     with torch.no_grad():
         for batch in _batches(tensors, torch.arange(len(tensors["tissue"])), batch_size, device):
-            for suffix, values in (("predicted", model(batch["tissue"], batch[tumor_input]).cpu()),
+            predicted = predict_mirror_averaged(model, batch["tissue"], batch[tumor_input]) if mirror_average \
+                else model(batch["tissue"], batch[tumor_input])
+            for suffix, values in (("predicted", predicted.cpu()),
                                    ("true", batch["parameters"].cpu())):
                 seed, mu_d, mu_rho = scaling.denormalise(values)
                 out["seed_" + suffix].append(seed.numpy())
@@ -99,9 +104,10 @@ def predict_inverse(model, tensors, scaling: ParameterScaling, device="cpu", bat
 
 
 def evaluate_inverse(model, tensors, scaling: ParameterScaling, device="cpu", batch_size=8,
-                     tumor_input: str = "concentration") -> Dict:
-    """Relative errors of mu_D and mu_rho and the seed error in mm; mean, s.e., median and worst 5 %."""
-    p = predict_inverse(model, tensors, scaling, device, batch_size, tumor_input)
+                     tumor_input: str = "concentration", mirror_average: bool = False) -> Dict:
+    """Relative errors of mu_D and mu_rho and the seed error in mm; mean, s.e., median and worst 5 %
+    (mirror_average: see predict_inverse)."""
+    p = predict_inverse(model, tensors, scaling, device, batch_size, tumor_input, mirror_average)
     rows = [{"mu_d_relative_error": float(abs(p["mu_d_predicted"][n] - p["mu_d_true"][n]) / p["mu_d_true"][n]),
              "mu_rho_relative_error": float(abs(p["mu_rho_predicted"][n] - p["mu_rho_true"][n]) / p["mu_rho_true"][n]),
              "seed_error_mm": float(np.linalg.norm(p["seed_predicted"][n] - p["seed_true"][n]))}

@@ -85,7 +85,10 @@ LEGACY_MODELS = {"direct": ("inverse32",), "gb-surrogate": ("inverse32", "surrog
 # A method's revision, raised when a change to its code changes its answers; rows of an older revision are neither
 # resumed nor reported (rows from before revisions were recorded are revision 1). 2: CMA-ES evaluates every
 # candidate with its seed projected onto the allowed voxels, and its tolfun is relative to the no-tumor loss.
-METHOD_REVISIONS = {"cma-surrogate": 2, "cma-solver": 2}
+# 2 for the methods that start from the inverse net: its answer is averaged with its answer to the left-right
+# mirrored input (InversionOptions.inverse_mirror_average).
+METHOD_REVISIONS = {"cma-surrogate": 2, "cma-solver": 2, "direct": 2, "gb-surrogate": 2, "hybrid": 2,
+                    "hybrid-fd": 2}
 # Whether `personalize` held numpy's BLAS to one thread (pipeline.blas_single_threaded, with threadpoolctl): rows
 # from before it ran with OpenBLAS's threads competing with torch's, up to 1.8x slower on small cases
 # (benchmarks/timing_repeats.json); their answers are the same.

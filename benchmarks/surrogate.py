@@ -5,7 +5,9 @@ On the held-out test set (never used in training; generated with another dataset
   1. on the surrogate grid: surrogate vs the FD solution block-averaged to that grid;
   2. at FD resolution: the surrogate upsampled (trilinear) to the 2 mm crop vs the FD solution in that crop, re-run
      from the sample's stored parameters and atlas variant;
-  3. inference time for one case and a batch of 8, against the FD solver on the same cases.
+  3. inference time for one case and a batch of 8, against the FD solver on the same cases;
+  4. the inverse net's parameter and seed errors, from one pass and averaged with its answer to the left-right
+     mirrored input (as the inversion asks it), for the tumors given as concentrations and as segmentations.
 Metrics are inside the brain (WM+GM >= 0.1): MSE, MAE, tumor-normalised MSE/MAE, NCC; mean, standard error, median
 and the mean of the worst 5 %. Before scoring, the test set is checked against the model's training data (when that
 is on this machine) for samples that drew the same anatomy and seed (augment.shared_samples): it refuses to score
@@ -81,6 +83,11 @@ def timing(model, tensors, repeats=5):
     return times
 
 
+# The inverse net's results: one pass and mirror-averaged, each for concentrations and segmentations.
+INVERSE_KEYS = ("inverse", "inverse_segmentation_input", "inverse_mirror_averaged",
+                "inverse_mirror_averaged_segmentation_input")
+
+
 def shared_with_training(card, test_arrays):
     """Test samples that drew the same anatomy and seed as a sample of the model's training data (augment.
     shared_samples, on what was drawn, not on the random streams); refuses to score a test set that shares any.
@@ -151,7 +158,7 @@ def main():
             results.update({k: v for k, v in earlier.items() if k.startswith("inverse")})
     predictions = None
     if args.part != "surrogate":
-        for key in ("inverse", "inverse_segmentation_input"):
+        for key in INVERSE_KEYS:
             results.pop(key, None)
         try:
             read_card(args.inverse)
@@ -160,13 +167,19 @@ def main():
         else:
             inverse, inverse_card = load_model(args.inverse, kind="inverse")
             inverse_scaling = ParameterScaling.from_dict(inverse_card["scaling"])
-            results["inverse"] = {"model": args.inverse, "model_sha256": inverse_card["sha256"],
-                                  **evaluate_inverse(inverse, tensors, inverse_scaling)}
-            if "segmentation_input" in tensors:  # the same tumors shown as BraTS-like segmentations
-                results["inverse_segmentation_input"] = evaluate_inverse(inverse, tensors, inverse_scaling,
-                                                                         tumor_input="segmentation_input")
-            predictions = predict_inverse(inverse, tensors, inverse_scaling)
-            for key in ("inverse", "inverse_segmentation_input"):
+            # One pass (the network alone), and averaged with the mirrored input's answer as the inversion's direct
+            # method asks it (inverse.predict_mirror_averaged); each for the tumors as concentrations and as
+            # BraTS-like segmentations.
+            inputs = ("concentration", "segmentation_input") if "segmentation_input" in tensors else ("concentration",)
+            for mirror in (False, True):
+                for tumor_input in inputs:
+                    key = "inverse" + ("_mirror_averaged" if mirror else "") + (
+                        "_segmentation_input" if tumor_input == "segmentation_input" else "")
+                    results[key] = evaluate_inverse(inverse, tensors, inverse_scaling, tumor_input=tumor_input,
+                                                    mirror_average=mirror)
+            results["inverse"] = {"model": args.inverse, "model_sha256": inverse_card["sha256"], **results["inverse"]}
+            predictions = predict_inverse(inverse, tensors, inverse_scaling, mirror_average=True)
+            for key in INVERSE_KEYS:
                 if key in results:
                     print(key, json.dumps({k: (v["mean"], v["median"]) for k, v in results[key].items()
                                            if isinstance(v, dict)}), flush=True)
@@ -211,8 +224,9 @@ def plot(results, card, predictions, path):
             name = "mu_D" if key == "mu_d" else "mu_rho"
             axis.set_xlabel(f"true {name} {unit}".strip())
             axis.set_ylabel(f"direct inverse net {name}")
-            error = results["inverse"][key + "_relative_error"]
-            axis.set_title(f"{name}: relative error mean {error['mean']:.2f}, median {error['median']:.2f}")
+            error = results["inverse_mirror_averaged"][key + "_relative_error"]
+            axis.set_title(f"{name} (mirror-averaged): relative error mean {error['mean']:.2f}, "
+                           f"median {error['median']:.2f}", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=90)
 
