@@ -8,7 +8,8 @@ import torch
 from test_dataset import small_config
 from TumorPersonalizationLib import InputError
 from TumorPersonalizationLib.dataset import generate
-from TumorPersonalizationLib.inverse import MIRROR_AXIS, MIRROR_SIGNS, InverseConfig, InverseNet, predict_mirror_averaged
+from TumorPersonalizationLib.inverse import (MIRROR_AXIS, MIRROR_SIGNS, InverseConfig, InverseNet,
+                                            predict_mirror_averaged)
 from TumorPersonalizationLib.parameters import ParameterScaling
 from TumorPersonalizationLib.registry import SHIPPED_MODELS, load_model, save_model
 from TumorPersonalizationLib.surrogate import SurrogateConfig, SurrogateUNet, masked_mse
@@ -303,7 +304,8 @@ def test_moving_the_surrogate_seed_along_plus_x_moves_the_tumor_along_plus_x_in_
 def test_the_mirror_averaged_inverse_answer_is_exactly_mirror_symmetric():
     """Averaged with its answer to the mirrored input, an inverse net (random weights: it holds for any) answers a
     left-right mirrored input with the mirrored parameters: the seed's x offset changes sign, the rest is equal.
-    One pass alone is not symmetric, so the test can tell the two apart."""
+    One pass alone is not symmetric, so the test can tell the two apart. (This holds for any flip and any signs of
+    +-1; that the flip is the frame's x axis and the sign the seed's x is checked by the two tests below.)"""
     torch.manual_seed(0)
     model = InverseNet(InverseConfig(**dict(TINY, in_channels=4))).eval()
     tissue, tumor = torch.rand(2, 3, 16, 16, 16), torch.rand(2, 16, 16, 16)
@@ -340,6 +342,58 @@ def test_the_mirror_is_left_right_in_the_networks_frame(oblique):
                                                     * np.array(MIRROR_SIGNS))
     assert np.allclose(mirrored_seed, middle + np.array([-10.0, -6.0, 7.0]))
     assert mu_d == pytest.approx(8.0) and mu_rho == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_flipping_the_frames_last_axis_mirrors_the_brain_about_the_frames_centre_in_x(oblique):
+    """What the networks see of a blob off the frame's centre in x, flipped along MIRROR_AXIS, is what they see of
+    the blob mirrored about the frame's centre (x -> 2 x_centre - x): the frame's arrays are (k, j, i) with i along
+    +x, on the cut path exactly, on the resampled (oblique source) path up to interpolation."""
+    from TumorPersonalizationLib.frame import SurrogateFrame
+    from TumorPersonalizationLib.geometry import Geometry
+
+    angle = np.radians(20.0) if oblique else 0.0
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]])
+    source = Geometry((70, 100, 100), (2.0, 2.0, 2.0), (-100.0, -100.0, -70.0), rotation)
+    frame = SurrogateFrame.around(np.array([-6.0, 4.0, 2.0]), source, grid=32, cube_mm=128.0)
+    middle = frame.center_ras_mm
+    ras = source.index_kji_to_ras(np.argwhere(np.ones(source.shape_kji, bool)).astype(float))
+
+    def blob(centre):
+        distance2 = np.sum((ras - centre) ** 2, axis=1)
+        return np.exp(-distance2 / (2 * 8.0 ** 2)).reshape(source.shape_kji).astype(np.float32)
+
+    offset = np.array([22.0, -10.0, 6.0])
+    seen = frame.sample(blob(middle + offset))
+    seen_of_mirror = frame.sample(blob(middle + offset * np.array([-1.0, 1.0, 1.0])))
+    flipped = np.flip(seen, MIRROR_AXIS)
+    assert not np.allclose(seen, seen_of_mirror, atol=0.05)  # the blob is far enough off-centre to tell
+    if oblique:
+        assert np.abs(flipped - seen_of_mirror).max() < 0.05 * seen.max()
+    else:
+        assert np.allclose(flipped, seen_of_mirror, atol=1e-6)
+
+
+def test_the_held_out_scores_can_be_those_of_the_mirror_averaged_answer():
+    """training.predict_inverse(mirror_average=True), which the surrogate benchmark scores, is
+    predict_mirror_averaged on every sample, and the default is the one pass."""
+    from TumorPersonalizationLib.training import predict_inverse
+
+    torch.manual_seed(1)
+    model = InverseNet(InverseConfig(**dict(TINY, in_channels=4))).eval()
+    scaling = ParameterScaling()
+    tensors = {"tissue": torch.rand(3, 3, 16, 16, 16), "concentration": torch.rand(3, 16, 16, 16),
+               "parameters": torch.rand(3, 5) * 2 - 1}
+    with torch.no_grad():
+        by_hand = {True: predict_mirror_averaged(model, tensors["tissue"], tensors["concentration"]),
+                   False: model(tensors["tissue"], tensors["concentration"])}
+    for mirror in (True, False):
+        predicted = predict_inverse(model, tensors, scaling, batch_size=2, **({"mirror_average": True} if mirror
+                                                                              else {}))
+        mu_d = scaling.denormalise(by_hand[mirror])[1].numpy()
+        assert np.allclose(predicted["mu_d_predicted"], mu_d, atol=1e-5)
+        seed = scaling.denormalise(by_hand[mirror])[0].numpy()
+        assert np.allclose(predicted["seed_predicted"], seed, atol=1e-4)
 
 
 def test_a_resumed_training_run_equals_an_uninterrupted_one(tmp_path):

@@ -6,7 +6,8 @@ Every method is one function ``method(problem) -> Candidate`` over two forward m
 - ``SurrogateModel``: the frozen neural surrogate in its frame around the tumor: fast, differentiable, approximate.
 
 Methods (the published comparison plus an FD-gradient polish):
-- ``direct``: the inverse network alone (one forward pass).
+- ``direct``: the inverse network alone (two forward passes: the tumor and its left-right mirror image, answers
+  averaged; one with ``inverse_mirror_average=False``).
 - ``gb-surrogate``: L-BFGS-B on the surrogate's loss with autograd gradients, from the inverse net's answer, until
   the loss changes by < 1e-7 per iteration.
 - ``hybrid``: direct, then gb-surrogate; both candidates are run with the FD solver and the one with the lower FD data
@@ -438,7 +439,8 @@ def _cma(problem: Problem, space: SearchSpace, batch_losses: Callable, start: Gr
 
 # ---- methods -----------------------------------------------------------------------------------------------------
 def direct(problem: Problem) -> Candidate:
-    """The inverse network's answer (one forward pass), projected into the search space."""
+    """The inverse network's answer, projected into the search space: averaged with its answer to the left-right
+    mirrored input (inverse.predict_mirror_averaged), or from one pass with options.inverse_mirror_average off."""
     check_cancel(problem.cancel)
     model, card, frame = problem.inverse()
     tissue = torch.as_tensor(frame.tissue_channels(problem.tissue)[None], dtype=torch.float32,
