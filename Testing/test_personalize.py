@@ -154,7 +154,7 @@ def test_no_tumor_loss_of_a_concentration_is_its_mean_square_over_the_brain():
     assert fd.no_tumor_loss() == pytest.approx(float(np.mean(observed[brain] ** 2)), rel=1e-5)
 
 
-def test_direct_asks_the_inverse_net_twice_and_averages_with_the_mirror_unless_told_not_to(atlas_case):
+def test_direct_gives_the_mirror_averaged_answer_unless_told_not_to(atlas_case):
     """direct's answer is the frame's denormalised predict_mirror_averaged (inverse_mirror_average, the default), or
     one plain pass when the option is off; the two differ, so the option reaches the network."""
     import torch

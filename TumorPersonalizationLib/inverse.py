@@ -47,3 +47,11 @@ def predict_mirror_averaged(model: nn.Module, tissue: torch.Tensor, tumor: torch
     plain = model(tissue, tumor)
     mirrored = model(torch.flip(tissue, (MIRROR_AXIS,)), torch.flip(tumor, (MIRROR_AXIS,))) * signs
     return (plain + mirrored) / 2.0
+
+
+def inverse_answer(model: nn.Module, tissue: torch.Tensor, tumor: torch.Tensor, mirror_average: bool = True
+                   ) -> torch.Tensor:
+    """The network's normalised parameters (B, 5) for tissue (B, 3, G, G, G) and tumor (B, G, G, G): averaged with
+    the mirrored input's answer (predict_mirror_averaged), or from one pass with mirror_average=False. The one way
+    the inversion and the held-out scores ask the network."""
+    return predict_mirror_averaged(model, tissue, tumor) if mirror_average else model(tissue, tumor)

@@ -36,7 +36,7 @@ from .constants import METHODS, STANDARD_MARGIN_MM
 from .errors import InputError
 from .frame import SurrogateFrame
 from .geometry import Geometry
-from .inverse import predict_mirror_averaged
+from .inverse import inverse_answer
 from .observation import GriddedObservation
 from .parameters import MU_D_MM_BOUNDS, MU_RHO_BOUNDS, GrowthParameters
 from .progress import ProgressCallback, check_cancel, report, sub_progress
@@ -448,8 +448,7 @@ def direct(problem: Problem) -> Candidate:
     tumor = torch.as_tensor(frame.sample(problem.observation.pseudo_concentration())[None], dtype=torch.float32,
                             device=problem.device)
     with torch.no_grad():
-        answer = predict_mirror_averaged(model, tissue, tumor) if problem.options.inverse_mirror_average \
-            else model(tissue, tumor)
+        answer = inverse_answer(model, tissue, tumor, problem.options.inverse_mirror_average)
     normalised = answer[0].cpu().double().numpy()
     seed, mu_d, mu_rho = frame.denormalise(normalised)
     raw = GrowthParameters(tuple(seed), float(np.clip(mu_d, 0, MU_D_MM_BOUNDS[1])),

@@ -16,6 +16,7 @@ import torch
 from .dataset import load_dataset
 from .errors import InputError
 from .evaluation import summarise
+from .inverse import inverse_answer
 from .metrics import compare
 from .parameters import ParameterScaling
 from .progress import ProgressCallback, check_cancel, report
@@ -84,16 +85,13 @@ def predict_inverse(model, tensors, scaling: ParameterScaling, device="cpu", bat
                     tumor_input: str = "concentration", mirror_average: bool = False) -> Dict[str, np.ndarray]:
     """Predicted and true physical parameters of every sample: seed offsets (mm), mu_D (mm), mu_rho; the network
     shown tensors[tumor_input] ("concentration" or "segmentation_input"); mirror_average=True: the answer averaged
-    with the mirrored input's (inverse.predict_mirror_averaged, as the inversion's direct method asks it)."""
-    from .inverse import predict_mirror_averaged
-
+    with the mirrored input's (inverse.inverse_answer, as the inversion's direct method asks it)."""
     out = {k: [] for k in ("seed_predicted", "seed_true", "mu_d_predicted", "mu_d_true", "mu_rho_predicted",
                            "mu_rho_true")}
     model.eval()
     with torch.no_grad():
         for batch in _batches(tensors, torch.arange(len(tensors["tissue"])), batch_size, device):
-            predicted = predict_mirror_averaged(model, batch["tissue"], batch[tumor_input]) if mirror_average \
-                else model(batch["tissue"], batch[tumor_input])
+            predicted = inverse_answer(model, batch["tissue"], batch[tumor_input], mirror_average)
             for suffix, values in (("predicted", predicted.cpu()),
                                    ("true", batch["parameters"].cpu())):
                 seed, mu_d, mu_rho = scaling.denormalise(values)
