@@ -1,7 +1,9 @@
 """Personalisation: methods recover known parameters, the hybrid keeps the FD-better candidate, the seed stays in its
 bounds, the written map is the forward run of the written parameters, cancel leaves nothing behind."""
 import json
+import math
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -195,6 +197,55 @@ def test_hybrid_keeps_the_candidate_with_the_lower_fd_loss(atlas_case, monkeypat
         winner = hybrid(problem)
         assert winner.parameters == TRUTH
         assert winner.fd_loss < 1e-4
+
+
+def test_hybrid_judges_a_close_call_again_on_the_tissue_grid(atlas_case, monkeypatch):
+    """Working grid 3 mm, tissue 2 mm. The working grid's judge is made to prefer the wrong candidate by a margin
+    (losses 1.0 and 1.5): within tissue_judge_ratio both are run on the tissue's grid, the better one there wins and
+    carries its run; beyond it (or with both candidates the same) the working grid's choice stands, with no run;
+    and when a second run would cost more than tissue_judge_max_runs, only the working grid's winner is run."""
+    import TumorPersonalizationLib.inversion as inversion
+
+    tissue, hidden = atlas_case
+    good = Candidate(TRUTH, "direct")
+    bad = Candidate(GrowthParameters(TRUTH.seed_ras_mm, 12.0, 4.0), "gb-surrogate", surrogate_loss=0.0)
+    working_losses = {"direct": 1.5, "gb-surrogate": 1.0}
+    monkeypatch.setattr(inversion.Problem, "fd_loss",
+                        lambda self, c, stage: replace(c, fd_loss=working_losses[c.source]))
+    same = replace(good, source="gb-surrogate")
+    for ratio, most, second, expected, runs in ((2.0, math.inf, bad, TRUTH, 2), (1.2, math.inf, bad, bad.parameters, 0),
+                                                (2.0, math.inf, same, TRUTH, 0), (2.0, 1.0, bad, bad.parameters, 1)):
+        problem, _ = prepare_problem(tissue, Observation.from_volume(hidden), device="cpu", working_spacing_mm=3.0,
+                                     options=InversionOptions(tissue_judge_ratio=ratio, tissue_judge_max_runs=most))
+        assert problem.work_tissue.geometry.spacing_ijk_mm[0] == pytest.approx(3.0)
+        monkeypatch.setattr(inversion, "direct", lambda p: good)
+        monkeypatch.setattr(inversion, "gb_surrogate", lambda p, start, c=second: c)
+        winner = hybrid(problem)
+        assert winner.parameters == expected and problem.tissue_runs == runs
+        if runs:
+            assert winner.final.geometry.same_grid(tissue.geometry)
+            np.testing.assert_allclose(winner.final.array, simulate(tissue, expected).array, atol=1e-6)
+            judged = [h["loss"] for h in problem.history if h["stage"] == "hybrid: FD judge (tissue grid)"]
+            assert winner.final_loss == min(judged) and (runs == 1 or min(judged) < max(judged))
+        else:
+            assert winner.final is None
+
+
+def test_personalize_takes_the_judges_tissue_grid_run_as_its_final_run(atlas_case):
+    """No third run: the infiltration map is the close-call judge's run of the winner, and it is the forward run of
+    the parameters written (as when the pipeline makes the final run itself)."""
+    tissue, hidden = atlas_case
+    result = personalize(tissue, Observation.from_volume(hidden), method="hybrid", device="cpu",
+                         working_spacing_mm=3.0,
+                         options=InversionOptions(tissue_judge_ratio=math.inf, tissue_judge_max_runs=math.inf))
+    stages = [h["stage"] for h in result.history]
+    assert stages.count("hybrid: FD judge (tissue grid)") == 2 == result.provenance["fd_runs_tissue_grid"]
+    assert stages[-1] == "final FD run (tissue grid, the judge's)"
+    np.testing.assert_allclose(result.concentration.array, simulate(tissue, result.parameters).array, atol=1e-6)
+    off = personalize(tissue, Observation.from_volume(hidden), method="hybrid", device="cpu",
+                      working_spacing_mm=3.0, options=InversionOptions(tissue_judge_ratio=0.0))
+    assert off.provenance["fd_runs_tissue_grid"] == 1
+    assert [h["stage"] for h in off.history][-1] == "final FD run (tissue grid)"
 
 
 def test_gb_surrogate_with_the_seed_held_fits_mu_only(atlas_case):

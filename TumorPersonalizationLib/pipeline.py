@@ -6,8 +6,8 @@
 Steps: the observation is resampled onto the tissue's grid and checked; the search runs on a working grid (2 mm by
 default, or the tissue's own grid when that is coarser) and, for the networks, in the surrogate frame around the
 tumor's centre of mass; the answer is then run once more with the FD solver on the tissue's own grid (so narrow
-fronts are resolved as finely as the data allow), and that run is the infiltration map, its loss the reported loss,
-and the base of the plans.
+fronts are resolved as finely as the data allow; unless the method made that run already, as hybrid's close-call
+judge does), and that run is the infiltration map, its loss the reported loss, and the base of the plans.
 """
 import contextlib
 import json
@@ -150,13 +150,17 @@ def _personalize(tissue, observation, method, progress, cancel, device, working_
     parameters = space.project(candidate.parameters)
     check_cancel(cancel)
 
-    report(progress, 0.85, "final FD run on the tissue's grid")
-    from .solver import simulate
-
-    concentration = simulate(tissue, parameters, device=device, progress=sub_progress(progress, 0.85, 0.97,
-                                                                                      "final FD run"), cancel=cancel)
-    loss, fit = _final_loss(gridded, concentration, tissue)
-    problem.record("final FD run (tissue grid)", loss, "fd")
+    if candidate.final is not None and candidate.parameters == parameters:
+        # The method already ran these parameters on the tissue's grid (hybrid's close-call judge): that run is
+        # the final one.
+        concentration = candidate.final
+        loss, fit = _final_loss(gridded, concentration, tissue)
+        problem.record("final FD run (tissue grid, the judge's)", loss, "fd")
+    else:
+        report(progress, 0.85, "final FD run on the tissue's grid")
+        concentration, loss = problem.tissue_grid_run(parameters, "final FD run (tissue grid)",
+                                                      sub_progress(progress, 0.85, 0.97, "final FD run"))
+        _, fit = _final_loss(gridded, concentration, tissue)
     report(progress, 0.97, "target plans")
     plans = make_plans(tissue, concentration.array, gridded.core > 0.5, visible, margin_mm, iso_level)
     warnings += plans.notes + _fit_warnings(gridded, fit, candidate.space or space, parameters, problem)
@@ -250,7 +254,8 @@ def _provenance(method, options, device, work, problem, candidate) -> Dict:
            "observation_kind": problem.observation.kind,
            "imaging_model": dict(problem.observation.imaging.__dict__),
            "models": problem.models_used,
-           "fd_runs_working_grid": problem._fd.runs if problem._fd is not None else 0}
+           "fd_runs_working_grid": problem._fd.runs if problem._fd is not None else 0,
+           "fd_runs_tissue_grid": problem.tissue_runs}
     if candidate.stopped:  # CMA-ES: which of its termination criteria ended the search
         out["stopped"] = candidate.stopped
     return out
