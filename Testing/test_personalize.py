@@ -231,6 +231,27 @@ def test_hybrid_judges_a_close_call_again_on_the_tissue_grid(atlas_case, monkeyp
             assert winner.final is None
 
 
+def test_hybrid_fd_starts_from_the_working_grids_choice_without_tissue_grid_runs(atlas_case, monkeypatch):
+    """hybrid-fd's polish moves the parameters, so its hybrid does not judge close calls on the tissue's grid (that
+    run would be wasted); the option is changed for that call only, not for the problem."""
+    import TumorPersonalizationLib.inversion as inversion
+    from TumorPersonalizationLib.inversion import hybrid_fd
+
+    tissue, hidden = atlas_case
+    problem, _ = prepare_problem(tissue, Observation.from_volume(hidden), device="cpu", working_spacing_mm=3.0,
+                                 options=InversionOptions(tissue_judge_ratio=2.0, tissue_judge_max_runs=math.inf))
+    bad = Candidate(GrowthParameters(TRUTH.seed_ras_mm, 12.0, 4.0), "gb-surrogate", surrogate_loss=0.0)
+    monkeypatch.setattr(inversion.Problem, "fd_loss", lambda self, c, stage: replace(
+        c, fd_loss={"direct": 1.5, "gb-surrogate": 1.0}[c.source]))
+    monkeypatch.setattr(inversion, "direct", lambda p: Candidate(TRUTH, "direct"))
+    monkeypatch.setattr(inversion, "gb_surrogate", lambda p, start: bad)
+    polished_from = []
+    monkeypatch.setattr(inversion, "fd_polish", lambda p, start: polished_from.append(start) or start)
+    hybrid_fd(problem)
+    assert polished_from[0].parameters == bad.parameters and polished_from[0].final is None
+    assert problem.tissue_runs == 0 and problem.options.tissue_judge_ratio == 2.0
+
+
 def test_personalize_takes_the_judges_tissue_grid_run_as_its_final_run(atlas_case):
     """No third run: the infiltration map is the close-call judge's run of the winner, and it is the forward run of
     the parameters written (as when the pipeline makes the final run itself)."""
