@@ -153,14 +153,13 @@ def _personalize(tissue, observation, method, progress, cancel, device, working_
     if candidate.final is not None and candidate.parameters == parameters:
         # The method already ran these parameters on the tissue's grid (hybrid's close-call judge): that run is
         # the final one.
-        concentration = candidate.final
-        loss, fit = _final_loss(gridded, concentration, tissue)
+        concentration, loss = candidate.final, candidate.final_loss
         problem.record("final FD run (tissue grid, the judge's)", loss, "fd")
     else:
         report(progress, 0.85, "final FD run on the tissue's grid")
         concentration, loss = problem.tissue_grid_run(parameters, "final FD run (tissue grid)",
                                                       sub_progress(progress, 0.85, 0.97, "final FD run"))
-        _, fit = _final_loss(gridded, concentration, tissue)
+    fit = _fit(gridded, concentration, tissue)
     report(progress, 0.97, "target plans")
     plans = make_plans(tissue, concentration.array, gridded.core > 0.5, visible, margin_mm, iso_level)
     warnings += plans.notes + _fit_warnings(gridded, fit, candidate.space or space, parameters, problem)
@@ -190,12 +189,9 @@ def prepare_problem(tissue: Tissue, observation: Observation, options: Optional[
     return Problem(tissue, gridded, work, work_observation, space, options, device, None, cancel), warnings
 
 
-def _final_loss(observation: GriddedObservation, concentration: Volume, tissue: Tissue):
-    import torch
-
-    brain = torch.as_tensor(tissue.brain_mask, dtype=torch.float32)
-    c = torch.as_tensor(concentration.array[None], dtype=torch.float32)
-    loss = float(observation.loss(c, brain)[0])
+def _fit(observation: GriddedObservation, concentration: Volume, tissue: Tissue) -> Dict[str, float]:
+    """How the final run agrees with the observation (its data loss is Problem.tissue_grid_run's): NCC for a
+    concentration, Dice of the visible tumor and of the core."""
     fit = {}
     if observation.concentration is not None:  # NCC against a segmentation's binary mask would be easy to misread
         fit["ncc"] = round(compare(concentration.array, observation.concentration, tissue.brain_mask,
@@ -203,7 +199,7 @@ def _final_loss(observation: GriddedObservation, concentration: Volume, tissue: 
     for name, threshold, mask in (("dice_visible", observation.imaging.edema_threshold, observation.visible),
                                   ("dice_core", observation.imaging.core_threshold, observation.core)):
         fit[name] = round(dice(concentration.array >= threshold, mask > 0.5), 4)
-    return loss, fit
+    return fit
 
 
 def _observation_warnings(tissue: Tissue, visible: np.ndarray, in_brain: np.ndarray) -> List[str]:
