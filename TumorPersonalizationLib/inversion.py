@@ -67,10 +67,10 @@ class InversionOptions:
     hybrid_seed_held: bool = False  # hybrid: also judge gb-surrogate with the inverse net's seed held (see hybrid)
     # hybrid: a runner-up whose FD loss on the working grid is within this factor of the winner's is judged again,
     # with the winner, by FD runs on the tissue's own grid (the winner of that is the final run, so one run more,
-    # not two). Why: the working grid's discretisation error moves a candidate's loss by up to ~1.7x against the
-    # tissue grid's (more for small tumors, and for segmentations, whose labels the coarse grid blurs), so a closer
-    # call there can go the wrong way; the tissue grid is where the answer is delivered. 0 turns it off (benchmark
-    # revision 2 and before).
+    # not two). Why: the working grid's own discretisation error (larger for small tumors, and for segmentations,
+    # whose labels the coarse grid blurs) can order two close candidates otherwise than the tissue grid, where the
+    # answer is delivered (benchmarks/inversion.md: 6 of 16 segmentation close calls changed their pick). 0 turns it
+    # off (benchmark revision 2 and before).
     tissue_judge_ratio: float = 1.5
     # ... as long as the whole search, the networks and both tissue-grid runs included, stays within this many
     # runs on the tissue's grid (counted in units of the first of them); otherwise the working grid's winner stays.
