@@ -9,7 +9,7 @@ import torch
 from conftest import heterogeneous_tissue, make_tissue
 from TumorPersonalizationLib.parameters import GrowthParameters
 from TumorPersonalizationLib.solver import (INITIAL_AMPLITUDE, StepControl, TissueOperator, apply_laplacian,
-                                            lattice_front, rkl2_coefficients, simulate, simulate_tensor,
+                                            lattice_front, plan_run, rkl2_coefficients, simulate, simulate_tensor,
                                             _diffusion_step)
 
 
@@ -140,6 +140,26 @@ def test_active_region_matches_full_grid(atlas_2mm, mu_d, mu_rho):
         full = simulate_tensor(operator, [mu_d], [mu_rho], [seed], active_region=False)
     assert float((boxed - full).abs().max()) < 1e-5
     assert stats.active_voxels_final < 0.8 * stats.grid_voxels  # the box did cut work
+
+
+@pytest.mark.parametrize("mu_d, mu_rho, control", [(4.0, 3.0, StepControl()), (12.0, 1.5, StepControl()),
+                                                    (9.0, 5.0, StepControl(max_front_step_voxels=1.0))])
+def test_plan_predicts_the_work_the_run_does(atlas_2mm, monkeypatch, mu_d, mu_rho, control):
+    """plan_run(...).work() (hybrid's close-call cap prices runs with it before running them) equals the voxels the
+    run's stencils really touch, counted during the run, and a larger mu_D costs more."""
+    import TumorPersonalizationLib.solver as solver
+
+    operator = TissueOperator(atlas_2mm)
+    seed = (28.0, -12.0, 24.0)
+    touched = []
+    original = solver.laplacian
+    monkeypatch.setattr(solver, "laplacian", lambda c, faces: touched.append(c.numel()) or original(c, faces))
+    with torch.no_grad():
+        _, stats = simulate_tensor(operator, [mu_d], [mu_rho], [seed], control=control, return_stats=True)
+    plan = plan_run(operator, [mu_d], [mu_rho], [seed], control)
+    assert len(touched) == stats.stencil_applications == sum(plan.stage_counts)
+    assert plan.work() == sum(touched) and len(plan.step_sizes) == stats.steps
+    assert plan_run(operator, [1.5 * mu_d], [mu_rho], [seed], control).work() > plan.work()
 
 
 def test_stop_hook_returns_the_tumor_at_the_stopping_time(atlas_2mm):

@@ -83,6 +83,14 @@ class SolverStats:
     end_time: float = 1.0  # < 1 when a stop condition ended the run early
 
 
+# A run's wall time on the benchmark's 2-core CPU is about this many seconds per voxel-stencil (RunPlan.work):
+# fitted by benchmarks/solver_cost.py on the 1 mm atlas, where the prediction was 0.53-1.64x the measured time
+# (median 1.03; large boxes, which miss the cache, cost more per voxel, and the same run's time varied by up to 2x
+# between sittings on that shared machine). Where runs are only compared with each other (hybrid's close-call cap)
+# the constant cancels; it converts a fixed cost in seconds into the same unit.
+SECONDS_PER_VOXEL_STENCIL = 2.2e-9
+
+
 # Memory one checkpointed segment may hold while it is recomputed for the backward pass.
 GRADIENT_SEGMENT_BYTES = 2e9
 
@@ -308,6 +316,59 @@ def plan_steps(operator: TissueOperator, mu_d: np.ndarray, mu_rho: np.ndarray,
     return ramp + [remaining / uniform] * uniform, dt_explicit
 
 
+@dataclass
+class RunPlan:
+    """What a run will do, known before it starts: its time steps, RKL2 stages per step, and the active box of each
+    phase (phase p ends after step phase_ends[p] - 1)."""
+
+    step_sizes: List[float]
+    dt_explicit: float
+    stage_counts: List[int]
+    phase_ends: List[int]
+    boxes: List[List[Tuple[int, int]]]
+
+    def work(self) -> int:
+        """Voxel-stencils: the stencil applications times the voxels of the box they run on, summed over the run.
+        A run's time is about proportional to it (SECONDS_PER_VOXEL_STENCIL), and it depends on the parameters and
+        the grid only, so it ranks runs by cost the same way on every machine and in every run."""
+        voxel_stencils, done = 0, 0
+        for end, box in zip(self.phase_ends, self.boxes):
+            voxels = int(np.prod([b - a for a, b in box]))
+            voxel_stencils += voxels * int(sum(self.stage_counts[done:end]))
+            done = end
+        return voxel_stencils
+
+
+def plan_run(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, control: StepControl = StepControl(),
+             phases: int = 4, active_region: bool = True) -> RunPlan:
+    """The plan simulate_tensor follows for a batch (mu_d_mm, mu_rho: (B,) arrays; seed_ras_mm: (B, 3)): steps
+    from plan_steps, their RKL2 stage counts, and per phase the box outside of which the batch's concentration stays
+    below ~1e-8 (the union over members, growing only)."""
+    mu_d_np = np.atleast_1d(np.asarray(mu_d_mm, dtype=np.float64))
+    mu_rho_np = np.atleast_1d(np.asarray(mu_rho, dtype=np.float64))
+    seeds_np = np.asarray(seed_ras_mm, dtype=np.float64).reshape(-1, 3)
+    batch = max(len(mu_d_np), len(mu_rho_np), len(seeds_np))
+    mu_d_np, mu_rho_np = np.broadcast_to(mu_d_np, (batch,)), np.broadcast_to(mu_rho_np, (batch,))
+    seeds_np = np.broadcast_to(seeds_np, (batch, 3))
+    step_sizes, dt_explicit = plan_steps(operator, mu_d_np, mu_rho_np, control)
+    steps = len(step_sizes)
+    stage_counts = [rkl2_stages_for(dt, dt_explicit, control.stability_safety) for dt in step_sizes]
+    times = np.cumsum(step_sizes)
+    shape = operator.geometry.shape_kji
+    phases = max(1, min(phases, steps))
+    phase_ends = [round(steps * (p + 1) / phases) for p in range(phases)]
+    h_max = max(operator.geometry.spacing_ijk_mm)
+    boxes, previous = [], None
+    for end in phase_ends:
+        radii = [active_radius_mm(mu_d_np[b], mu_rho_np[b], float(times[end - 1]), h_max) for b in range(batch)]
+        box = _union([_index_box(operator.geometry, seeds_np[b], radii[b], shape) for b in range(batch)])
+        box = box if previous is None else _union([box, previous])
+        box = box if active_region else [(0, n) for n in shape]
+        boxes.append(box)
+        previous = box
+    return RunPlan(step_sizes, dt_explicit, stage_counts, phase_ends, boxes)
+
+
 def simulate_tensor(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, control: StepControl = StepControl(),
                     phases: int = 4, active_region: bool = True, checkpoint_segments: Optional[int] = None,
                     progress: Optional[ProgressCallback] = None, return_stats: bool = False,
@@ -337,9 +398,10 @@ def simulate_tensor(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, cont
     if np.any(mu_d_np < 0) or np.any(mu_rho_np < 0) or not np.all(np.isfinite(seeds_np)):
         raise InputError("mu_D and mu_rho must be >= 0 and the seed finite")
 
-    step_sizes, dt_explicit = plan_steps(operator, mu_d_np, mu_rho_np, control)
-    steps = len(step_sizes)
-    stage_counts = [rkl2_stages_for(dt, dt_explicit, control.stability_safety) for dt in step_sizes]
+    plan = plan_run(operator, mu_d_np, mu_rho_np, seeds_np, control, phases, active_region)
+    step_sizes, dt_explicit, stage_counts, phase_ends, boxes = (plan.step_sizes, plan.dt_explicit, plan.stage_counts,
+                                                                 plan.phase_ends, plan.boxes)
+    steps, phases = len(step_sizes), len(phase_ends)
     coefficients = {s: rkl2_coefficients(s) for s in set(stage_counts)}
     mu_d_sq = (mu_d * mu_d).view(-1, 1, 1, 1)
     rho = (rho_root * rho_root).view(-1, 1, 1, 1)
@@ -349,18 +411,6 @@ def simulate_tensor(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, cont
     times = np.cumsum(step_sizes)
 
     shape = operator.geometry.shape_kji
-    phases = max(1, min(phases, steps))
-    phase_ends = [round(steps * (p + 1) / phases) for p in range(phases)]
-    h_max = max(operator.geometry.spacing_ijk_mm)
-    boxes, previous = [], None
-    for end in phase_ends:
-        radii = [active_radius_mm(mu_d_np[b], mu_rho_np[b], float(times[end - 1]), h_max) for b in range(batch)]
-        box = _union([_index_box(operator.geometry, seeds_np[b], radii[b], shape) for b in range(batch)])
-        box = box if previous is None else _union([box, previous])
-        box = box if active_region else [(0, n) for n in shape]
-        boxes.append(box)
-        previous = box
-
     box = boxes[0]
     mask0 = operator.brain_mask[box[0][0]:box[0][1], box[1][0]:box[1][1], box[2][0]:box[2][1]]
     c = initial_condition(operator.ras_grid(box), seeds, mask0)
