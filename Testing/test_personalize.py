@@ -231,6 +231,43 @@ def test_hybrid_judges_a_close_call_again_on_the_tissue_grid(atlas_case, monkeyp
             assert winner.final is None
 
 
+def test_hybrid_prices_the_runner_up_by_its_plan(atlas_case, monkeypatch):
+    """The close-call cap predicts each run's cost from the work its plan will do, not from the clock: under the same
+    budget a runner-up with a smaller mu_D than the winner is judged on the tissue's grid and one with a larger mu_D
+    (its run costs several of the winner's) is not, and a longer search so far does not change that."""
+    import TumorPersonalizationLib.inversion as inversion
+
+    tissue, hidden = atlas_case
+    winner = Candidate(TRUTH, "gb-surrogate", surrogate_loss=0.0)
+    cheap = Candidate(replace(TRUTH, mu_d_mm=0.7 * TRUTH.mu_d_mm), "direct")
+    dear = Candidate(replace(TRUTH, mu_d_mm=1.6 * TRUTH.mu_d_mm), "direct")
+    monkeypatch.setattr(inversion.Problem, "fd_loss",
+                        lambda self, c, stage: replace(c, fd_loss={"direct": 1.5, "gb-surrogate": 1.0}[c.source]))
+
+    def problem_with(max_runs):
+        problem, _ = prepare_problem(tissue, Observation.from_volume(hidden), device="cpu", working_spacing_mm=3.0,
+                                     options=InversionOptions(tissue_judge_ratio=2.0, tissue_judge_max_runs=max_runs))
+        return problem
+
+    probe = problem_with(math.inf)
+    runs_needed = {}  # the least max_runs under which each runner-up is judged
+    for runner_up in (cheap, dear):
+        spent = probe.options.tissue_judge_fixed_s + sum(probe.predicted_run_s(c.parameters, tissue_grid=False)
+                                                         for c in (winner, runner_up))
+        unit = probe.predicted_run_s(winner.parameters, tissue_grid=True)
+        runs_needed[runner_up.parameters.mu_d_mm] = (spent + unit + probe.predicted_run_s(runner_up.parameters,
+                                                                                         tissue_grid=True)) / unit
+    assert runs_needed[dear.parameters.mu_d_mm] > runs_needed[cheap.parameters.mu_d_mm] + 1.0
+    budget = 0.5 * (runs_needed[dear.parameters.mu_d_mm] + runs_needed[cheap.parameters.mu_d_mm])
+    for runner_up, runs in ((cheap, 2), (dear, 1)):
+        problem = problem_with(budget)
+        problem._started -= 1e4  # as if the networks had taken hours: the cap does not read the clock
+        monkeypatch.setattr(inversion, "direct", lambda p, c=runner_up: c)
+        monkeypatch.setattr(inversion, "gb_surrogate", lambda p, start: winner)
+        hybrid(problem)
+        assert problem.tissue_runs == runs and problem.close_calls_not_judged == 2 - runs
+
+
 def test_hybrid_fd_starts_from_the_working_grids_choice_without_tissue_grid_runs(atlas_case, monkeypatch):
     """hybrid-fd's polish moves the parameters, so its hybrid does not judge close calls on the tissue's grid (that
     run would be wasted); the option is changed for that call only, not for the problem."""

@@ -251,7 +251,8 @@ def _provenance(method, options, device, work, problem, candidate) -> Dict:
            "imaging_model": dict(problem.observation.imaging.__dict__),
            "models": problem.models_used,
            "fd_runs_working_grid": problem._fd.runs if problem._fd is not None else 0,
-           "fd_runs_tissue_grid": problem.tissue_runs}
+           "fd_runs_tissue_grid": problem.tissue_runs,
+           "close_calls_not_judged": problem.close_calls_not_judged}
     if candidate.stopped:  # CMA-ES: which of its termination criteria ended the search
         out["stopped"] = candidate.stopped
     return out

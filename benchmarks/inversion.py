@@ -88,7 +88,8 @@ LEGACY_MODELS = {"direct": ("inverse32",), "gb-surrogate": ("inverse32", "surrog
 # 2 for the methods that start from the inverse net: its answer is averaged with its answer to the left-right
 # mirrored input (InversionOptions.inverse_mirror_average). 3 for hybrid: a close call of the working grid's judge
 # is judged again on the tissue's grid (InversionOptions.tissue_judge_ratio; hybrid-fd's start is chosen as before).
-METHOD_REVISIONS = {"cma-surrogate": 2, "cma-solver": 2, "direct": 2, "gb-surrogate": 2, "hybrid": 3,
+# 4 for hybrid: that judge's cap prices each run by the work its plan will do (solver.plan_run), not by the clock.
+METHOD_REVISIONS = {"cma-surrogate": 2, "cma-solver": 2, "direct": 2, "gb-surrogate": 2, "hybrid": 4,
                     "hybrid-fd": 2}
 # Whether `personalize` held numpy's BLAS to one thread (pipeline.blas_single_threaded, with threadpoolctl): rows
 # from before it ran with OpenBLAS's threads competing with torch's, up to 1.8x slower on small cases
@@ -273,6 +274,7 @@ def run_task(cases: Cases, index: int, method: str, kind: str, forward: Dict):
            "runtime_in_forward_runs": result.runtime_s / max(forward["forward_1mm_s"], 1e-6),
            "fd_runs_working_grid": result.provenance["fd_runs_working_grid"], "winner": result.provenance["winner"],
            "fd_runs_tissue_grid": result.provenance["fd_runs_tissue_grid"],
+           "close_calls_not_judged": result.provenance["close_calls_not_judged"],
            "models": {name: entry["sha256"] for name, entry in result.provenance["models"].items()},
            "shipped_models": dict(SHIPPED_MODELS), "threads": torch.get_num_threads(),
            "evaluations": len(result.history), "stopped": result.provenance.get("stopped"),
@@ -405,6 +407,7 @@ def report(seed: int):
         entry["samples"] = len(rows)  # every case (the timing summary above counted only the clean ones)
         if any("fd_runs_tissue_grid" in r for r in rows):  # hybrid's close calls, judged again on the tissue grid
             entry["tissue_grid_judged"] = int(sum(r.get("fd_runs_tissue_grid", 1) >= 2 for r in rows))
+            entry["close_calls_not_judged"] = int(sum(r.get("close_calls_not_judged", 0) > 0 for r in rows))
         entry["timed_with_blas_single_threaded"] = int(sum(bool(r.get("blas_single_threaded")) for r in rows))
         # Rows kept from an earlier sitting (tagged by the commit they ran on) when a change could not alter their
         # answers: their timings are from that sitting's machine state, not comparable with this one's.
@@ -480,11 +483,14 @@ def write_table(summary, path):
                      + (f"{e['runtime_s']['median']:.1f} | {e['runtime_in_forward_runs']['max']:.1f} "
                         f"({e['runtime_in_forward_runs']['cases_over_4']}) | "
                         if e["clean_timings"] else "n/a | n/a | ") + f"{e['clean_timings']} |")
-    judged = [(n, e) for n, e in summary["methods"].items() if e.get("tissue_grid_judged")]
+    judged = [(n, e) for n, e in summary["methods"].items()
+              if e.get("tissue_grid_judged") or e.get("close_calls_not_judged")]
     if judged:
-        lines += ["", "Close calls of the working grid's FD judge run again on the tissue's grid (both candidates' "
-                      "losses within InversionOptions.tissue_judge_ratio): " + "; ".join(
-                          f"{n} {e['tissue_grid_judged']} of {e['samples']}" for n, e in judged) + "."]
+        lines += ["", "Close calls of the working grid's FD judge (both candidates' losses within "
+                      "InversionOptions.tissue_judge_ratio) run again on the tissue's grid, and those the run cap "
+                      "(tissue_judge_max_runs, runs priced by their plans) left to the working grid: " + "; ".join(
+                          f"{n} {e['tissue_grid_judged']} of {e['samples']} judged, "
+                          f"{e.get('close_calls_not_judged', 0)} not" for n, e in judged) + "."]
     lines += ["", "Later growth (the same tumors at 1.5x their age, visible part beyond today's) covered by plans of "
                   "equal volume (the 15 mm standard plan's):", "",
               "| method (input) | model plan | 15 mm plan | blurred labels | true parameters | model − 15 mm | "
