@@ -232,40 +232,53 @@ def test_hybrid_judges_a_close_call_again_on_the_tissue_grid(atlas_case, monkeyp
 
 
 def test_hybrid_prices_the_runner_up_by_its_plan(atlas_case, monkeypatch):
-    """The close-call cap predicts each run's cost from the work its plan will do, not from the clock: under the same
-    budget a runner-up with a smaller mu_D than the winner is judged on the tissue's grid and one with a larger mu_D
-    (its run costs several of the winner's) is not, and a longer search so far does not change that."""
+    """The close-call cap predicts each run's cost from the work its plan will do, not from the clock: a runner-up
+    is judged on the tissue's grid exactly when the networks, all working-grid runs and both tissue-grid runs fit in
+    tissue_judge_max_runs runs of the winner; a runner-up with a larger mu_D (its run costs several of the winner's)
+    needs a larger budget than one with a smaller mu_D; a longer search so far changes nothing; and a runner-up too
+    dear to judge does not stop a cheaper one behind it from being judged."""
     import TumorPersonalizationLib.inversion as inversion
 
     tissue, hidden = atlas_case
     winner = Candidate(TRUTH, "gb-surrogate", surrogate_loss=0.0)
     cheap = Candidate(replace(TRUTH, mu_d_mm=0.7 * TRUTH.mu_d_mm), "direct")
-    dear = Candidate(replace(TRUTH, mu_d_mm=1.6 * TRUTH.mu_d_mm), "direct")
+    dear = Candidate(replace(TRUTH, mu_d_mm=1.6 * TRUTH.mu_d_mm), "gb-surrogate (seed held)")
+    working_losses = {"gb-surrogate": 1.0, "gb-surrogate (seed held)": 1.4, "direct": 1.5}
     monkeypatch.setattr(inversion.Problem, "fd_loss",
-                        lambda self, c, stage: replace(c, fd_loss={"direct": 1.5, "gb-surrogate": 1.0}[c.source]))
+                        lambda self, c, stage: replace(c, fd_loss=working_losses[c.source]))
 
-    def problem_with(max_runs):
+    def problem_with(max_runs, seed_held=False):
         problem, _ = prepare_problem(tissue, Observation.from_volume(hidden), device="cpu", working_spacing_mm=3.0,
-                                     options=InversionOptions(tissue_judge_ratio=2.0, tissue_judge_max_runs=max_runs))
+                                     options=InversionOptions(tissue_judge_ratio=2.0, tissue_judge_max_runs=max_runs,
+                                                              hybrid_seed_held=seed_held))
+        problem._started -= 1e4  # as if the networks had taken hours: the cap does not read the clock
         return problem
 
     probe = problem_with(math.inf)
-    runs_needed = {}  # the least max_runs under which each runner-up is judged
-    for runner_up in (cheap, dear):
+    unit = probe.predicted_run_s(winner.parameters, tissue_grid=True)
+    assert probe.predicted_run_s(dear.parameters, tissue_grid=True) > 2.0 * unit
+
+    def runs_needed(runner_up, judged):  # the least max_runs under which runner_up is judged
         spent = probe.options.tissue_judge_fixed_s + sum(probe.predicted_run_s(c.parameters, tissue_grid=False)
-                                                         for c in (winner, runner_up))
-        unit = probe.predicted_run_s(winner.parameters, tissue_grid=True)
-        runs_needed[runner_up.parameters.mu_d_mm] = (spent + unit + probe.predicted_run_s(runner_up.parameters,
-                                                                                         tissue_grid=True)) / unit
-    assert runs_needed[dear.parameters.mu_d_mm] > runs_needed[cheap.parameters.mu_d_mm] + 1.0
-    budget = 0.5 * (runs_needed[dear.parameters.mu_d_mm] + runs_needed[cheap.parameters.mu_d_mm])
-    for runner_up, runs in ((cheap, 2), (dear, 1)):
-        problem = problem_with(budget)
-        problem._started -= 1e4  # as if the networks had taken hours: the cap does not read the clock
+                                                         for c in judged)
+        return (spent + unit + probe.predicted_run_s(runner_up.parameters, tissue_grid=True)) / unit
+
+    assert runs_needed(dear, (winner, dear)) > runs_needed(cheap, (winner, cheap)) + 1.0
+    monkeypatch.setattr(inversion, "gb_surrogate", lambda p, start, hold_seed=False: dear if hold_seed else winner)
+    for runner_up in (cheap, dear):
         monkeypatch.setattr(inversion, "direct", lambda p, c=runner_up: c)
-        monkeypatch.setattr(inversion, "gb_surrogate", lambda p, start: winner)
-        hybrid(problem)
-        assert problem.tissue_runs == runs and problem.close_calls_not_judged == 2 - runs
+        threshold = runs_needed(runner_up, (winner, runner_up))
+        for budget, runs in ((threshold * 0.999, 1), (threshold * 1.001, 2)):
+            problem = problem_with(budget)
+            hybrid(problem)
+            assert problem.tissue_runs == runs and problem.close_calls_not_judged == 2 - runs
+    # Three candidates (the seed-held fit too), ranked winner, dear, cheap: dear is left out, cheap is judged.
+    monkeypatch.setattr(inversion, "direct", lambda p: cheap)
+    three = (winner, dear, cheap)
+    problem = problem_with(0.5 * (runs_needed(cheap, three) + runs_needed(dear, three)), seed_held=True)
+    chosen = hybrid(problem)
+    assert problem.tissue_runs == 2 and problem.close_calls_not_judged == 1
+    assert chosen.parameters in (winner.parameters, cheap.parameters) and chosen.final is not None
 
 
 def test_hybrid_fd_starts_from_the_working_grids_choice_without_tissue_grid_runs(atlas_case, monkeypatch):

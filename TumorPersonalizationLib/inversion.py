@@ -80,8 +80,9 @@ class InversionOptions:
     # revision 3: two atlas cases over 4 runs of the true parameters while the cap timed the first run instead).
     tissue_judge_max_runs: float = 3.5
     # The networks' and the pipeline's fixed cost before the judge, in seconds of the benchmark's 2-core CPU (where
-    # solver.SECONDS_PER_VOXEL_STENCIL was fitted): on the 1 mm atlas the hybrid runs took about this much more than
-    # one forward run besides their FD runs (benchmarks/inversion.md, revision 3).
+    # solver.SECONDS_PER_VOXEL_STENCIL was fitted): on the 1 mm atlas, revision-3 hybrid runs without a close call
+    # took a median 0.8 s more than one forward run of the true parameters, working-grid runs included
+    # (benchmarks/inversion_runs.jsonl).
     tissue_judge_fixed_s: float = 0.75
     # The inverse net's answer averaged with its answer to the left-right mirrored input (one more pass of a few
     # ms; inverse.predict_mirror_averaged). False: one pass, as the methods ran before (benchmark revision 1).

@@ -83,11 +83,12 @@ class SolverStats:
     end_time: float = 1.0  # < 1 when a stop condition ended the run early
 
 
-# A run's wall time on the benchmark's 2-core CPU is about this many seconds per voxel-stencil (RunPlan.work):
-# fitted by benchmarks/solver_cost.py on the 1 mm atlas, where the prediction was 0.53-1.64x the measured time
-# (median 1.03; large boxes, which miss the cache, cost more per voxel, and the same run's time varied by up to 2x
-# between sittings on that shared machine). Where runs are only compared with each other (hybrid's close-call cap)
-# the constant cancels; it converts a fixed cost in seconds into the same unit.
+# A run's wall time on the benchmark's 2-core CPU is about this many seconds per voxel-stencil (RunPlan.work).
+# benchmarks/solver_cost.py (45 runs on the 1 mm atlas) fits 1.98 ns; an earlier sitting of the same script on the
+# same machine fitted 2.24 ns, so the value moves by about 10 % between sittings. With 2.2 ns the prediction was
+# 0.53-1.64x the measured time (median 1.03; large boxes, which miss the cache, cost more per voxel). Where runs are
+# only compared with each other (hybrid's close-call cap) the constant cancels; it converts a fixed cost in seconds
+# into the same unit. On other hardware (a GPU) the unit is no longer seconds, but the ranking of runs holds.
 SECONDS_PER_VOXEL_STENCIL = 2.2e-9
 
 

@@ -5,7 +5,7 @@
 of the active box they run on). This script times forward runs of the FD solver on the bundled
 1 mm atlas (the tissue grid of the inversion benchmark, default steps) over a grid of mu_D, mu_rho and seeds, fits
 seconds = a * voxel_stencils (least relative squares), and reports how far the prediction is off, for single runs
-and for the time ratio of two runs (what the cap uses). `solver.SECONDS_PER_VOXEL_STENCIL` holds the fitted a.
+and for the time ratio of two runs (what the cap uses), with the shipped `solver.SECONDS_PER_VOXEL_STENCIL`.
 
     python benchmarks/solver_cost.py     # writes benchmarks/solver_cost.json and benchmarks/solver_cost.png
 """

@@ -19,8 +19,9 @@ It also checks determinism: every repeat must find the same answer (NCC against 
 benchmark row did.
 
     python benchmarks/timing_repeats.py --top 5 --repeats 4    # about 20 minutes on 2 cores; needs the cores alone
+    python benchmarks/timing_repeats.py --arms limited --out timing_repeats_hybrid4    # the shipped arm only
 
-Writes benchmarks/timing_repeats.json and .png.
+Writes benchmarks/timing_repeats.json and .png (or --out's name).
 """
 import argparse
 import contextlib
@@ -68,7 +69,7 @@ def hardest_cases(shots, top: int):
     return sorted(worst, key=lambda case: -worst[case])[:top]
 
 
-def summarise(records, shots, cases_run):
+def summarise(records, shots, cases_run, arms=ARMS):
     per_task = []
     for case in cases_run:
         for kind in KINDS:
@@ -76,7 +77,7 @@ def summarise(records, shots, cases_run):
             entry = {"case": case, "kind": kind, "single_shot_ratio": shot["runtime_in_forward_runs"],
                      "single_shot_runtime_s": shot["runtime_s"], "single_shot_forward_s": shot["forward_1mm_s"],
                      "ncc_committed": shot["metrics"]["ncc"]}
-            for arm in ARMS:
+            for arm in arms:
                 mine = [r for r in records if r["case"] == case and r["kind"] == kind and r["arm"] == arm]
                 ratios = [r["ratio"] for r in mine]
                 entry[arm] = {
@@ -86,13 +87,14 @@ def summarise(records, shots, cases_run):
                     "rounds_over_target": sum(x > TARGET_FORWARD_RUNS for x in ratios),
                     "ncc_max_deviation": max(abs(r["ncc"] - shot["metrics"]["ncc"]) for r in mine),
                     "evaluations": sorted({r["evaluations"] for r in mine})}
-            entry["runtime_unlimited_over_limited"] = (entry["unlimited"]["runtime_median_s"]
-                                                       / entry["limited"]["runtime_median_s"])
+            if set(ARMS) <= set(arms):
+                entry["runtime_unlimited_over_limited"] = (entry["unlimited"]["runtime_median_s"]
+                                                           / entry["limited"]["runtime_median_s"])
             per_task.append(entry)
     return per_task
 
 
-def plot(per_task, records, path):
+def plot(per_task, records, path, arms=ARMS):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,13 +105,13 @@ def plot(per_task, records, path):
     colours = {"limited": "tab:blue", "unlimited": "tab:orange"}
     names = {"limited": "BLAS held to 1 thread (shipped)", "unlimited": "BLAS threads unlimited (before)"}
     for x, entry in enumerate(per_task):
-        for offset, arm in zip((-0.17, 0.17), ARMS):
+        for offset, arm in zip((-0.17, 0.17) if len(arms) > 1 else (0.17,), arms):
             ratios = [r["ratio"] for r in records
                       if r["case"] == entry["case"] and r["kind"] == entry["kind"] and r["arm"] == arm]
             axis.scatter(np.full(len(ratios), x + offset), ratios, s=18, color=colours[arm], alpha=0.7,
                          label=names[arm] if x == 0 else None)
             axis.plot([x + offset - 0.14, x + offset + 0.14], [entry[arm]["ratio_median"]] * 2, "k-", linewidth=1.5,
-                      label="median of repeats" if x == 0 and arm == ARMS[0] else None)
+                      label="median of repeats" if x == 0 and arm == arms[0] else None)
         axis.scatter([x], [entry["single_shot_ratio"]], marker="x", s=60, color="tab:red",
                      label="benchmark's single shot (before)" if x == 0 else None)
         labels.append(f"case {entry['case']}\n{'seg.' if entry['kind'] == 'segmentation' else 'conc.'}")
@@ -129,7 +131,13 @@ def main():
     parser.add_argument("--top", type=int, default=5, help="how many of the slowest cases (by single-shot ratio)")
     parser.add_argument("--repeats", type=int, default=4, help="timed rounds per case and input kind")
     parser.add_argument("--seed", type=int, default=2026, help="the inversion benchmark's case stream")
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to time (default both)")
+    parser.add_argument("--out", default=OUT.name, help="output name under benchmarks/ (.json and .png)")
     args = parser.parse_args()
+    arms = tuple(a for a in args.arms.split(",") if a)
+    if not arms or set(arms) - set(ARMS):
+        parser.error(f"--arms: choose from {', '.join(ARMS)}")
+    out = OUT.with_name(args.out)
     import torch
 
     shots = single_shots(args.seed)
@@ -155,7 +163,7 @@ def main():
             forward = cases.forward_seconds(case)["forward_1mm_s"]
             for kind in KINDS:
                 # Alternate which arm goes first, so neither always runs on a machine the other just warmed.
-                for arm in ARMS if (round_index + KINDS.index(kind)) % 2 == 0 else ARMS[::-1]:
+                for arm in arms if (round_index + KINDS.index(kind)) % 2 == 0 else arms[::-1]:
                     pipeline.blas_single_threaded = LIMITER if arm == "limited" else contextlib.nullcontext
                     load_before = os.getloadavg()[0]
                     result = personalize(tissue, observations[(case, kind)], method=DEFAULT_METHOD, device="cpu",
@@ -171,28 +179,28 @@ def main():
                     print(f"round {round_index} case {case} {kind} {arm}: {record['runtime_s']:.2f} s / "
                           f"{forward:.2f} s = {record['ratio']:.2f} forward runs (load "
                           f"{record['loadavg_after']:.1f})", flush=True)
-    per_task = summarise(records, shots, cases_run)
-    limited = [e["limited"] for e in per_task]
+    per_task = summarise(records, shots, cases_run, arms)
     output = {"method": DEFAULT_METHOD, "seed": args.seed, "repeats": args.repeats, "cases": cases_run,
               "target_forward_runs": TARGET_FORWARD_RUNS, "threads": torch.get_num_threads(),
               "machine": f"{os.cpu_count()} CPU cores (this project's 2-core dev machine unless stated)",
               "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "worst_median_ratio": {arm: max(e[arm]["ratio_median"] for e in per_task) for arm in ARMS},
-              "worst_single_round_ratio": {arm: max(e[arm]["ratio_max"] for e in per_task) for arm in ARMS},
-              "rounds_over_target": {arm: sum(e[arm]["rounds_over_target"] for e in per_task) for arm in ARMS},
-              "rounds_per_arm": sum(e["repeats"] for e in limited),
-              "runtime_unlimited_over_limited_median": statistics.median(
-                  e["runtime_unlimited_over_limited"] for e in per_task),
-              "ncc_max_deviation": max(e[arm]["ncc_max_deviation"] for e in per_task for arm in ARMS),
+              "method_revision": shots[(cases_run[0], KINDS[0])].get("method_revision", 1), "arms": list(arms),
+              "worst_median_ratio": {arm: max(e[arm]["ratio_median"] for e in per_task) for arm in arms},
+              "worst_single_round_ratio": {arm: max(e[arm]["ratio_max"] for e in per_task) for arm in arms},
+              "rounds_over_target": {arm: sum(e[arm]["rounds_over_target"] for e in per_task) for arm in arms},
+              "rounds_per_arm": sum(e[arms[0]]["repeats"] for e in per_task),
+              "ncc_max_deviation": max(e[arm]["ncc_max_deviation"] for e in per_task for arm in arms),
               "per_task": per_task, "records": records}
-    OUT.with_suffix(".json").write_text(json.dumps(output, indent=1))
-    plot(per_task, records, OUT.with_suffix(".png"))
+    if "runtime_unlimited_over_limited" in per_task[0]:
+        output["runtime_unlimited_over_limited_median"] = statistics.median(
+            e["runtime_unlimited_over_limited"] for e in per_task)
+    out.with_suffix(".json").write_text(json.dumps(output, indent=1))
+    plot(per_task, records, out.with_suffix(".png"), arms)
     for e in per_task:
         print(f"case {e['case']} {e['kind']}: " + "; ".join(
             f"{arm} median {e[arm]['ratio_median']:.2f} (min {e[arm]['ratio_min']:.2f}, max "
-            f"{e[arm]['ratio_max']:.2f})" for arm in ARMS)
-            + f"; single shot {e['single_shot_ratio']:.2f}; runtime unlimited / limited "
-            f"{e['runtime_unlimited_over_limited']:.2f}")
+            f"{e[arm]['ratio_max']:.2f})" for arm in arms)
+            + f"; single shot {e['single_shot_ratio']:.2f}")
     print(f"worst median {output['worst_median_ratio']}; rounds over {TARGET_FORWARD_RUNS:g}: "
           f"{output['rounds_over_target']} of {output['rounds_per_arm']} per arm; NCC deviation "
           f"{output['ncc_max_deviation']:.1e}")
