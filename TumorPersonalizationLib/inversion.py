@@ -375,8 +375,11 @@ class Problem:
         the working grid (the working steps), from the work its plan says it will do, in seconds of the benchmark's
         CPU (solver.SECONDS_PER_VOXEL_STENCIL). Deterministic: no clock is read."""
         operator, control = ((self.tissue_operator(), StepControl()) if tissue_grid
-                             else (self.fd().operator, self.options.working_step_control()))
-        plan = plan_run(operator, [parameters.mu_d_mm], [parameters.mu_rho], [parameters.seed_ras_mm], control)
+                             else (self.fd().operator, self.fd().control))
+        # Rounded to the operator's dtype first, as simulate_tensor rounds them, so the plan is the run's own.
+        values = torch.tensor([parameters.mu_d_mm, parameters.mu_rho, *parameters.seed_ras_mm],
+                              dtype=operator.dtype).double().numpy()
+        plan = plan_run(operator, values[:1], values[1:2], values[2:].reshape(1, 3), control)
         return SECONDS_PER_VOXEL_STENCIL * plan.work()
 
     def tissue_grid_run(self, parameters: GrowthParameters, stage: str,
