@@ -62,6 +62,21 @@ def test_personalize_writes_one_set_and_json_progress(tumor_file, tmp_path, caps
     assert set(np.unique(plan.array)) == {0, 1}
 
 
+def test_close_call_options_reach_the_method_and_are_checked(tumor_file, tmp_path, capsys):
+    out = tmp_path / "result"
+    code, _, stderr = run(personalize_args(tumor_file, out, "--close-call-ratio", "0", "--close-call-max-runs", "2.5"),
+                          capsys)
+    assert code == 0, stderr
+    options = json.loads((out / "parameters.json").read_text())["provenance"]["options"]
+    assert options["tissue_judge_ratio"] == 0 and options["tissue_judge_max_runs"] == 2.5
+    for flag, value, message in (("--close-call-ratio", "0.5", "must be 0 (off) or >= 1"),
+                                 ("--close-call-max-runs", "0", "must be >= 1 run")):
+        bad = tmp_path / f"bad{flag}"
+        code, _, stderr = run(personalize_args(tumor_file, bad, flag, value), capsys)
+        assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1
+        assert not bad.exists()
+
+
 def _write(tmp_path, name, array, geometry):
     path = tmp_path / name
     Volume(array, geometry).save(path)

@@ -174,6 +174,12 @@ def _add_personalize_options(parser, with_method_default=True):
                        help=f"imaging model: concentration visible on T1Gd (default {CORE_THRESHOLD:g})")
     group.add_argument("--cma-budget", type=int, metavar="N",
                        help="evaluation budget of the CMA-ES methods (default 3000 surrogate, 1500 solver runs)")
+    group.add_argument("--close-call-ratio", type=float, metavar="R",
+                       help="hybrid: when the two candidates' FD losses on the working grid are within this factor, "
+                            "judge them again on the tissue's own grid (default 1.5; 0: never)")
+    group.add_argument("--close-call-max-runs", type=float, metavar="N",
+                       help="hybrid: ... unless the whole search would then cost more than N runs of the winner's "
+                            "on the tissue's grid, priced by their plans (default 3.5)")
     group.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
                        help="progress on stderr: a bar, one JSON object per update ({\"fraction\", \"message\"}), "
                             "or nothing")
@@ -200,12 +206,17 @@ def _settings_from_args(args) -> dict:
         raise InputError(f"--iso-level must be in (0, 1), got {args.iso_level:g}")
     if args.cma_budget is not None and args.cma_budget < 10:
         raise InputError(f"--cma-budget must be at least 10 evaluations, got {args.cma_budget}")
+    if args.close_call_ratio is not None and not (args.close_call_ratio == 0 or args.close_call_ratio >= 1):
+        raise InputError(f"--close-call-ratio must be 0 (off) or >= 1, got {args.close_call_ratio:g}")
+    if args.close_call_max_runs is not None and not args.close_call_max_runs >= 1:
+        raise InputError(f"--close-call-max-runs must be >= 1 run, got {args.close_call_max_runs:g}")
     from .observation import ImagingModel
 
     ImagingModel(args.edema_threshold, args.core_threshold)  # validates the thresholds
     return {"method": args.method, "device": args.device, "working_spacing_mm": args.working_spacing,
             "iso_level": args.iso_level, "margin_mm": args.margin, "edema_threshold": args.edema_threshold,
             "core_threshold": args.core_threshold, "cma_budget": args.cma_budget,
+            "close_call_ratio": args.close_call_ratio, "close_call_max_runs": args.close_call_max_runs,
             "tumor_kind": getattr(args, "tumor_kind", "concentration"),
             "tumor_labels": list(getattr(args, "tumor_labels", (1, 2, 3)))}
 
@@ -214,12 +225,16 @@ def _personalize(tissue, observation, settings: dict, progress):
     from .inversion import InversionOptions
     from .pipeline import personalize
 
+    from dataclasses import replace
+
     options = InversionOptions()
     if settings.get("cma_budget"):
-        from dataclasses import replace
-
         options = replace(options, cma_surrogate_budget=settings["cma_budget"],
                           cma_solver_budget=settings["cma_budget"])
+    if settings.get("close_call_ratio") is not None:
+        options = replace(options, tissue_judge_ratio=settings["close_call_ratio"])
+    if settings.get("close_call_max_runs") is not None:
+        options = replace(options, tissue_judge_max_runs=settings["close_call_max_runs"])
     return personalize(tissue, observation, method=settings.get("method"), progress=progress,
                        device=settings.get("device", "auto"), working_spacing_mm=settings.get("working_spacing_mm"),
                        options=options, iso_level=settings.get("iso_level"),
