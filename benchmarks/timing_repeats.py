@@ -94,13 +94,14 @@ def summarise(records, shots, cases_run, arms=ARMS):
     return per_task
 
 
-def plot(per_task, records, path, arms=ARMS):
+def plot(per_task, records, path, arms=ARMS, every_case=False):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(12, 5))
+    # Wide enough that 100 (case, kind) columns stay legible when every case is timed.
+    figure, axis = plt.subplots(figsize=(max(12.0, 0.22 * len(per_task)), 5))
     labels = []
     colours = {"limited": "tab:blue", "unlimited": "tab:orange"}
     names = {"limited": "BLAS held to 1 thread (shipped)", "unlimited": "BLAS threads unlimited (before)"}
@@ -113,13 +114,18 @@ def plot(per_task, records, path, arms=ARMS):
             axis.plot([x + offset - 0.14, x + offset + 0.14], [entry[arm]["ratio_median"]] * 2, "k-", linewidth=1.5,
                       label="median of repeats" if x == 0 and arm == arms[0] else None)
         axis.scatter([x], [entry["single_shot_ratio"]], marker="x", s=60, color="tab:red",
-                     label="benchmark's single shot (before)" if x == 0 else None)
+                     label="the benchmark's single shot" if x == 0 else None)
         labels.append(f"case {entry['case']}\n{'seg.' if entry['kind'] == 'segmentation' else 'conc.'}")
     axis.axhline(TARGET_FORWARD_RUNS, color="grey", linestyle="--", label="target: 4 forward runs")
     axis.set_xticks(range(len(per_task)))
-    axis.set_xticklabels(labels)
+    if len(per_task) <= 20:
+        axis.set_xticklabels(labels, fontsize=8)
+    else:  # one line per column, upright, so 100 of them do not overlap
+        axis.set_xticklabels([label.replace("\n", " ") for label in labels], fontsize=6, rotation=90)
     axis.set_ylabel("wall time / one 1 mm forward run")
-    axis.set_title(f"{DEFAULT_METHOD}: the atlas cases closest to the target, timed again")
+    which = "every atlas case" if every_case else "the atlas cases closest to the target"
+    axis.set_title(f"{DEFAULT_METHOD}: {which}, timed again in {len(records) // max(1, len(per_task) * len(arms))} "
+                   "interleaved rounds")
     axis.legend(loc="upper right", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -195,7 +201,7 @@ def main():
         output["runtime_unlimited_over_limited_median"] = statistics.median(
             e["runtime_unlimited_over_limited"] for e in per_task)
     out.with_suffix(".json").write_text(json.dumps(output, indent=1))
-    plot(per_task, records, out.with_suffix(".png"), arms)
+    plot(per_task, records, out.with_suffix(".png"), arms, every_case=len(cases_run) == len({c for c, _ in shots}))
     for e in per_task:
         print(f"case {e['case']} {e['kind']}: " + "; ".join(
             f"{arm} median {e[arm]['ratio_median']:.2f} (min {e[arm]['ratio_min']:.2f}, max "
