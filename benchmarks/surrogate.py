@@ -5,6 +5,8 @@ On the held-out test set (never used in training; generated with another dataset
   1. on the surrogate grid: surrogate vs the FD solution block-averaged to that grid;
   2. at FD resolution: the surrogate upsampled (trilinear) to the 2 mm crop vs the FD solution in that crop, re-run
      from the sample's stored parameters and atlas variant;
+  1b. the same, for the surrogate's answer averaged with its answer to the left-right mirrored input (a check of
+     what test-time mirroring would buy; the inversion asks the surrogate once);
   3. inference time for one case and a batch of 8, against the FD solver on the same cases;
   4. the inverse net's parameter and seed errors, from one pass and averaged with its answer to the left-right
      mirrored input (as the inversion asks it), for the tumors given as concentrations and as segmentations.
@@ -38,6 +40,7 @@ from TumorPersonalizationLib.parameters import ParameterScaling  # noqa: E402
 from TumorPersonalizationLib.registry import SHIPPED_MODELS, load_model, read_card  # noqa: E402
 from TumorPersonalizationLib.solver import simulate_tensor  # noqa: E402
 from TumorPersonalizationLib.frame import SurrogateFrame  # noqa: E402
+from TumorPersonalizationLib.inverse import MIRROR_AXIS, MIRROR_SIGNS  # noqa: E402
 from TumorPersonalizationLib.evaluation import summarise  # noqa: E402
 from TumorPersonalizationLib.training import (evaluate_inverse, evaluate_surrogate, predict_inverse,  # noqa: E402
                                               to_tensors)
@@ -65,6 +68,27 @@ def fd_resolution_rows(model, arrays, tensors, cube_mm, limit, config):
                                       align_corners=False)[0, 0].numpy()
         rows.append(compare(upsampled, fine, brain, thresholds=()))
     return summarise(rows, worst_is_low={"ncc"}), fd_times
+
+
+def evaluate_surrogate_mirror_averaged(model, tensors, batch_size=8):
+    """evaluate_surrogate's metrics for the mean of the surrogate's answer and its answer to the left-right mirrored
+    input (tissue flipped along the frame's RAS x axis, the seed's x offset negated; inverse.MIRROR_AXIS / SIGNS),
+    flipped back, averaged before the sigmoid. A test-time check, not what the inversion uses: it asks whether the
+    cheapest fix there is (two passes instead of one) closes the gap to the accuracy target."""
+    signs = torch.tensor(MIRROR_SIGNS, dtype=torch.float32)
+    rows = []
+    with torch.no_grad():
+        for start in range(0, len(tensors["tissue"]), batch_size):
+            tissue = tensors["tissue"][start:start + batch_size]
+            parameters = tensors["parameters"][start:start + batch_size]
+            plain = model.logits(tissue, parameters)
+            mirrored = torch.flip(model.logits(torch.flip(tissue, (MIRROR_AXIS,)), parameters * signs),
+                                  (MIRROR_AXIS,))
+            predicted = torch.sigmoid((plain + mirrored) / 2.0).numpy()
+            for p, t, m in zip(predicted, tensors["concentration"][start:start + batch_size].numpy(),
+                               tensors["mask"][start:start + batch_size].numpy() > 0):
+                rows.append(compare(p, t, m, thresholds=()))
+    return summarise(rows, worst_is_low={"ncc"})
 
 
 def timing(model, tensors, repeats=5):
@@ -111,8 +135,11 @@ def surrogate_part(args, model, card, arrays, tensors) -> dict:
                "threads": torch.get_num_threads(),
                "shared_with_training": shared_with_training(card, arrays)}
     results["surrogate_grid"] = evaluate_surrogate(model, tensors)
+    results["surrogate_grid_mirror_averaged"] = evaluate_surrogate_mirror_averaged(model, tensors)
     print("surrogate grid:", json.dumps({k: v["mean"] for k, v in results["surrogate_grid"].items()
                                           if isinstance(v, dict)}), flush=True)
+    print("surrogate grid, mirror-averaged:", json.dumps({
+        k: v["mean"] for k, v in results["surrogate_grid_mirror_averaged"].items() if isinstance(v, dict)}), flush=True)
     config = DatasetConfig.from_dict(json.loads((args.test / "manifest.json").read_text())["config"])
     results["fd_resolution"], fd_times = fd_resolution_rows(model, arrays, tensors, card["cube_mm"], args.fd_samples,
                                                             config)
