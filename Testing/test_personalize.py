@@ -375,6 +375,40 @@ def test_seed_is_held_to_the_tumor_neighbourhood(atlas_case):
         assert space.allowed[tuple(np.round(tissue.geometry.ras_to_index_kji(p.seed_ras_mm)).astype(int))]
 
 
+def test_nearest_allowed_voxel_is_the_whole_grids_answer_on_an_anisotropic_grid():
+    """The seed's projection transforms only the allowed voxels' bounding box; its answer must be the whole grid's
+    distance transform's, voxel by voxel (ties included), inside the box and for queries outside it."""
+    from scipy.ndimage import distance_transform_edt
+
+    from TumorPersonalizationLib.geometry import Geometry
+    from TumorPersonalizationLib.inversion import SearchSpace
+
+    rng = np.random.default_rng(3)
+    shape = (18, 26, 22)
+    geometry = Geometry(shape_kji=shape, spacing_ijk_mm=(0.9, 1.3, 3.0), origin_ras_mm=(0.0, 0.0, 0.0))
+    k, j, i = np.indices(shape)
+    allowed = ((k - 9) ** 2 / 30.0 + (j - 11) ** 2 / 40.0 + (i - 12) ** 2 / 20.0) <= 1.0
+    allowed &= rng.uniform(size=shape) > 0.3  # holes and ragged borders make ties and far nearest voxels
+    space = SearchSpace(geometry, allowed, np.zeros(3), np.ones(3), (1.0, 10.0), (1.0, 5.0))
+    _, whole = distance_transform_edt(~allowed, sampling=geometry.spacing_kji_mm, return_indices=True)
+    where = np.argwhere(allowed)
+    low, high = where.min(axis=0), where.max(axis=0)
+    inside = [tuple(v) for v in np.argwhere(np.ones(shape, bool)) if np.all(v >= low) and np.all(v <= high)]
+    outside = [tuple(v) for v in np.argwhere(np.ones(shape, bool)) if not (np.all(v >= low) and np.all(v <= high))]
+    assert len(inside) > 1000 and len(outside) > 1000
+    queries = inside + [outside[n] for n in rng.choice(len(outside), 60, replace=False)]
+    for voxel in queries:
+        assert tuple(space.nearest_allowed_index(voxel)) == tuple(whole[:, voxel[0], voxel[1], voxel[2]]), voxel
+    # The box's transform is kept for the optimisers' next seed; one from outside is not.
+    assert space.cache["nearest"].shape[1:] == tuple(high - low + 1)
+    # project() moves a seed outside the grid to the allowed voxel nearest the grid voxel it is clipped to.
+    far = GrowthParameters(tuple(geometry.index_kji_to_ras(np.array([-5.0, 40.0, 3.0]))), 20.0, 0.5)
+    projected = space.project(far)
+    expected = tuple(whole[:, 0, shape[1] - 1, 3])
+    assert tuple(np.round(geometry.ras_to_index_kji(np.asarray(projected.seed_ras_mm))).astype(int)) == expected
+    assert (projected.mu_d_mm, projected.mu_rho) == (10.0, 1.0)
+
+
 def test_personalize_writes_the_forward_run_of_its_parameters(atlas_case, tmp_path):
     tissue, hidden = atlas_case
     import TumorPersonalizationLib
