@@ -222,10 +222,10 @@ def _settings_from_args(args) -> dict:
 
 
 def _personalize(tissue, observation, settings: dict, progress):
+    from dataclasses import replace
+
     from .inversion import InversionOptions
     from .pipeline import personalize
-
-    from dataclasses import replace
 
     options = InversionOptions()
     if settings.get("cma_budget"):

@@ -85,9 +85,10 @@ class SolverStats:
 
 # A run's wall time on the benchmark's 2-core CPU is about this many seconds per voxel-stencil (RunPlan.work).
 # benchmarks/solver_cost.py (45 runs on the 1 mm atlas) fits 1.98 ns; this shared machine's speed moves between
-# sittings, and 2.2 ns is kept. With 2.2 ns the prediction was 0.53-1.64x the measured time (median 1.03; large boxes, which miss the cache, cost more per voxel). Where runs are
-# only compared with each other (hybrid's close-call cap) the constant cancels; it converts a fixed cost in seconds
-# into the same unit. On other hardware (a GPU) the unit is no longer seconds, but the ranking of runs holds.
+# sittings, and 2.2 ns is kept. With 2.2 ns the prediction was 0.53-1.64x the measured time (median 1.03; large
+# boxes, which miss the cache, cost more per voxel). Where runs are only compared with each other (hybrid's
+# close-call cap) the constant cancels; it converts a fixed cost in seconds into the same unit. On other hardware
+# (a GPU) the unit is no longer seconds, but the ranking of runs holds.
 SECONDS_PER_VOXEL_STENCIL = 2.2e-9
 
 

@@ -70,25 +70,22 @@ def fd_resolution_rows(model, arrays, tensors, cube_mm, limit, config):
     return summarise(rows, worst_is_low={"ncc"}), fd_times
 
 
-def evaluate_surrogate_mirror_averaged(model, tensors, batch_size=8):
-    """evaluate_surrogate's metrics for the mean of the surrogate's answer and its answer to the left-right mirrored
-    input (tissue flipped along the frame's RAS x axis, the seed's x offset negated; inverse.MIRROR_AXIS / SIGNS),
-    flipped back, averaged before the sigmoid. A test-time check, not what the inversion uses: it asks whether the
-    cheapest fix there is (two passes instead of one) closes the gap to the accuracy target."""
-    signs = torch.tensor(MIRROR_SIGNS, dtype=torch.float32)
-    rows = []
-    with torch.no_grad():
-        for start in range(0, len(tensors["tissue"]), batch_size):
-            tissue = tensors["tissue"][start:start + batch_size]
-            parameters = tensors["parameters"][start:start + batch_size]
-            plain = model.logits(tissue, parameters)
-            mirrored = torch.flip(model.logits(torch.flip(tissue, (MIRROR_AXIS,)), parameters * signs),
-                                  (MIRROR_AXIS,))
-            predicted = torch.sigmoid((plain + mirrored) / 2.0).numpy()
-            for p, t, m in zip(predicted, tensors["concentration"][start:start + batch_size].numpy(),
-                               tensors["mask"][start:start + batch_size].numpy() > 0):
-                rows.append(compare(p, t, m, thresholds=()))
-    return summarise(rows, worst_is_low={"ncc"})
+class MirrorAveragedSurrogate(torch.nn.Module):
+    """The surrogate asked twice: its logits for the input and for the left-right mirrored input (tissue flipped
+    along the frame's RAS x axis, the seed's x offset negated; inverse.MIRROR_AXIS / MIRROR_SIGNS), flipped back,
+    averaged before the sigmoid. A test-time check scored with training.evaluate_surrogate, not what the inversion
+    uses: it asks whether the cheapest fix there is (two passes instead of one) closes the gap to the accuracy
+    target."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.register_buffer("signs", torch.tensor(MIRROR_SIGNS, dtype=torch.float32))
+
+    def forward(self, tissue, parameters):
+        plain = self.model.logits(tissue, parameters)
+        mirrored = self.model.logits(torch.flip(tissue, (MIRROR_AXIS,)), parameters * self.signs)
+        return torch.sigmoid((plain + torch.flip(mirrored, (MIRROR_AXIS,))) / 2.0)
 
 
 def timing(model, tensors, repeats=5):
@@ -135,7 +132,7 @@ def surrogate_part(args, model, card, arrays, tensors) -> dict:
                "threads": torch.get_num_threads(),
                "shared_with_training": shared_with_training(card, arrays)}
     results["surrogate_grid"] = evaluate_surrogate(model, tensors)
-    results["surrogate_grid_mirror_averaged"] = evaluate_surrogate_mirror_averaged(model, tensors)
+    results["surrogate_grid_mirror_averaged"] = evaluate_surrogate(MirrorAveragedSurrogate(model), tensors)
     print("surrogate grid:", json.dumps({k: v["mean"] for k, v in results["surrogate_grid"].items()
                                           if isinstance(v, dict)}), flush=True)
     print("surrogate grid, mirror-averaged:", json.dumps({
