@@ -21,7 +21,7 @@ from conftest_slicer import (  # noqa: F401  (mrml_scene: fixture; importing ski
 from TumorPersonalizationLib import mrml
 from TumorPersonalizationLib.errors import InputError
 from TumorPersonalizationLib.geometry import Geometry, Volume
-from TumorPersonalizationLib.tissue import TissueLabels
+from TumorPersonalizationLib.tissue import Tissue, TissueLabels
 
 
 def _voxel_centre_ras(geometry, kji):
@@ -265,3 +265,22 @@ def test_outputs_go_beside_the_input_in_the_subject_hierarchy(mrml_scene):
     output = mrml.seed_to_markups(mrml_scene, (1.0, 2.0, 3.0))
     mrml.place_beside(output, tumor)
     assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(output)) == study
+
+
+def test_the_model_tissue_comes_back_with_the_refilled_lesion_outlined(mrml_scene):
+    masks = _tissue_masks()
+    shape = ROTATED_GEOMETRY.shape_kji
+    tissue = Tissue(masks["WM"], masks["GM"], masks["CSF"], ROTATED_GEOMETRY)
+    lesion = np.zeros(shape, bool)
+    lesion[1:3, 1:3, 1:3] = True
+    node = mrml.model_tissue_to_segmentation_node(mrml_scene, tissue, lesion, "Tumor model tissue")
+    assert mrml.segment_names(node) == ["WM", "GM", "CSF", "Refilled lesion"]
+    for name, mask in (("WM", masks["WM"]), ("Refilled lesion", lesion)):
+        back = mrml.labels_from_segmentation_node(node, ROTATED_GEOMETRY, {name: 1})
+        np.testing.assert_array_equal(back.array, mask)
+    display = node.GetDisplayNode()
+    lesion_id = node.GetSegmentation().GetSegmentIdBySegmentName("Refilled lesion")
+    assert not display.GetSegmentVisibility2DFill(lesion_id) and display.GetSegmentVisibility2DOutline(lesion_id)
+    # Without a lesion (tissue derived from a T1 keeps none), the segment is not there.
+    again = mrml.model_tissue_to_segmentation_node(mrml_scene, tissue, None, "Tumor model tissue", node=node)
+    assert again is node and mrml.segment_names(node) == ["WM", "GM", "CSF"]

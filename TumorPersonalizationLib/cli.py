@@ -37,6 +37,12 @@ def _add_tissue_options(parser):
     group.add_argument("--csf", help="CSF probability map")
 
 
+def _add_t1_option(parser):
+    parser.add_argument_group("no tissue segmentation").add_argument(
+        "--t1", help="a skull-stripped T1-weighted image instead of a tissue: the bundled atlas's T1 is registered to "
+                     "it (the lesion masked) and its WM/GM/CSF warped onto the T1's grid")
+
+
 def tissue_source(args):
     """Which tissue the --tissue / --wm --gm --csf options name, checked before anything is read (the command line
     and scripts/slicer_batch.py share it): ("maps", (wm, gm, csf) paths), ("atlas", spacing in mm) or ("file",
@@ -44,22 +50,32 @@ def tissue_source(args):
     maps = (args.wm, args.gm, args.csf)
     if args.tissue and any(maps):
         raise InputError("give either --tissue or --wm/--gm/--csf, not both")
+    t1 = getattr(args, "t1", None)
+    if t1:
+        if args.tissue or any(maps):
+            raise InputError("give either --t1 or a tissue (--tissue, --wm/--gm/--csf), not both")
+        return "t1", t1
     if any(maps):
         if not all(maps):
             raise InputError("probability maps need all three of --wm, --gm and --csf")
         return "maps", maps
     if not args.tissue:
-        raise InputError("no tissue given: use --tissue FILE (or --tissue atlas) or --wm/--gm/--csf")
+        raise InputError("no tissue given: use --tissue FILE (or --tissue atlas), --wm/--gm/--csf"
+                         + (" or --t1 FILE" if hasattr(args, "t1") else ""))
     if args.tissue in ATLAS_NAMES:
         return "atlas", ATLAS_NAMES[args.tissue]
     return "file", args.tissue
 
 
 def load_tissue_from_args(args):
+    """The Tissue the options name, or for --t1 the T1 as a Volume (the pipeline derives the tissue from it)."""
     from .atlas import load_atlas
+    from .geometry import Volume
     from .tissue import Tissue, TissueLabels
 
     kind, source = tissue_source(args)
+    if kind == "t1":
+        return Volume.load(source)
     if kind == "maps":
         return Tissue.from_probabilities(*source)
     if kind == "atlas":
@@ -154,6 +170,7 @@ def _make_progress(mode: str, description: str):
 
 def _add_personalize_options(parser, with_method_default=True):
     from .constants import DEFAULT_METHOD, DEFAULT_WORKING_SPACING_MM, METHODS, STANDARD_MARGIN_MM
+    from .lesion import DEFAULT_LESION_TISSUE, LESION_TISSUE_MODES
 
     group = parser.add_argument_group("personalisation")
     group.add_argument("--method", choices=METHODS, default=None,
@@ -180,6 +197,10 @@ def _add_personalize_options(parser, with_method_default=True):
     group.add_argument("--close-call-max-runs", type=float, metavar="N",
                        help="hybrid: ... unless the whole search would then cost more than N runs of the winner's "
                             "on the tissue's grid, priced by their plans (default 3.5)")
+    group.add_argument("--lesion-tissue", choices=LESION_TISSUE_MODES, default=DEFAULT_LESION_TISSUE,
+                       help="what fills the lesion (visible tumor + 3 mm) of a tumor-bearing brain's tissue before the "
+                            "fit: the bundled atlas registered to the tissue (default), the healthy WM/GM around it, "
+                            "or keep the tissue as given")
     group.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
                        help="progress on stderr: a bar, one JSON object per update ({\"fraction\", \"message\"}), "
                             "or nothing")
@@ -218,12 +239,15 @@ def _settings_from_args(args) -> dict:
             "core_threshold": args.core_threshold, "cma_budget": args.cma_budget,
             "close_call_ratio": args.close_call_ratio, "close_call_max_runs": args.close_call_max_runs,
             "tumor_kind": getattr(args, "tumor_kind", "concentration"),
-            "tumor_labels": list(getattr(args, "tumor_labels", (1, 2, 3)))}
+            "tumor_labels": list(getattr(args, "tumor_labels", (1, 2, 3))),
+            "lesion_tissue": getattr(args, "lesion_tissue", "atlas")}
 
 
 def _personalize(tissue, observation, settings: dict, progress):
+    """tissue: a Tissue, or a Volume taken as the patient's T1 (the tissue is then derived from it)."""
     from dataclasses import replace
 
+    from .geometry import Volume
     from .inversion import InversionOptions
     from .pipeline import personalize
 
@@ -235,10 +259,12 @@ def _personalize(tissue, observation, settings: dict, progress):
         options = replace(options, tissue_judge_ratio=settings["close_call_ratio"])
     if settings.get("close_call_max_runs") is not None:
         options = replace(options, tissue_judge_max_runs=settings["close_call_max_runs"])
-    return personalize(tissue, observation, method=settings.get("method"), progress=progress,
-                       device=settings.get("device", "auto"), working_spacing_mm=settings.get("working_spacing_mm"),
-                       options=options, iso_level=settings.get("iso_level"),
-                       margin_mm=settings.get("margin_mm", STANDARD_MARGIN_MM))
+    t1 = tissue if isinstance(tissue, Volume) else None
+    return personalize(None if t1 is not None else tissue, observation, method=settings.get("method"),
+                       progress=progress, device=settings.get("device", "auto"),
+                       working_spacing_mm=settings.get("working_spacing_mm"), options=options,
+                       iso_level=settings.get("iso_level"), margin_mm=settings.get("margin_mm", STANDARD_MARGIN_MM),
+                       lesion_tissue=settings.get("lesion_tissue", "atlas"), t1=t1)
 
 
 def _load_observation(path, settings: dict):
@@ -360,20 +386,21 @@ def read_cases(source) -> list:
     cases = []
     if source.is_dir():
         for folder in sorted(p for p in source.iterdir() if p.is_dir()):
-            found = {kind: sorted(folder.glob(f"{kind}.*")) for kind in ("tissue", "tumor")}
-            cases.append({"case": folder.name, "tissue": str(found["tissue"][0]) if found["tissue"] else "",
-                          "tumor": str(found["tumor"][0]) if found["tumor"] else ""})
+            found = {kind: sorted(folder.glob(f"{kind}.*")) for kind in ("tissue", "tumor", "t1")}
+            cases.append({"case": folder.name, **{kind: str(paths[0]) if paths else ""
+                                                  for kind, paths in found.items()}})
     else:
         with open(source, newline="") as stream:
             reader = csv.DictReader(stream)
-            missing = {"case", "tissue", "tumor"} - set(reader.fieldnames or ())
-            if missing:
-                raise InputError(f"{source}: the CSV needs the columns case, tissue, tumor (missing "
-                                 f"{', '.join(sorted(missing))})")
+            fields = set(reader.fieldnames or ())
+            missing = {"case", "tumor"} - fields
+            if missing or not fields & {"tissue", "t1"}:
+                raise InputError(f"{source}: the CSV needs the columns case, tumor and tissue or t1 (missing "
+                                 f"{', '.join(sorted(missing) or ['tissue or t1'])})")
             for row in reader:
                 row = {k: (v or "").strip() for k, v in row.items() if k}
-                for key in ("tissue", "tumor"):
-                    if row[key] and not Path(row[key]).is_absolute() and row[key] not in ATLAS_NAMES:
+                for key in ("tissue", "tumor", "t1"):
+                    if row.get(key) and not Path(row[key]).is_absolute() and row[key] not in ATLAS_NAMES:
                         row[key] = str(source.parent / row[key])
                 cases.append(row)
     if not cases:
@@ -395,9 +422,15 @@ def run_case(case: dict, out_root: str, settings: dict) -> dict:
         case_settings = dict(settings)
         if case.get("tumor_kind"):
             case_settings["tumor_kind"] = case["tumor_kind"]
-        if not case.get("tissue") or not case.get("tumor"):
-            raise InputError("the case needs a tissue and a tumor image")
-        if case["tissue"] in ATLAS_NAMES:
+        if not case.get("tumor") or not (case.get("tissue") or case.get("t1")):
+            raise InputError("the case needs a tumor image and a tissue or a T1 image")
+        if case.get("tissue") and case.get("t1"):
+            raise InputError("the case has both a tissue and a T1 image: give one")
+        if case.get("t1"):
+            from .geometry import Volume
+
+            tissue = Volume.load(case["t1"])
+        elif case["tissue"] in ATLAS_NAMES:
             from .atlas import load_atlas
 
             tissue = load_atlas(ATLAS_NAMES[case["tissue"]])
@@ -543,9 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
     personalize = commands.add_parser(
         "personalize", help="find the growth parameters that explain an observed tumor",
         description="Personalise the growth model to a patient's tissue and tumor; write, as one set, "
-                    "parameters.json, infiltration.nii.gz, plan_standard.nii.gz, plan_model.nii.gz (plan_iso.nii.gz "
-                    "with --iso-level) and report.png into --out-dir.")
+                    "parameters.json, infiltration.nii.gz, tissue.nii.gz (the WM/GM/CSF the model ran on), "
+                    "plan_standard.nii.gz, plan_model.nii.gz (plan_iso.nii.gz with --iso-level) and report.png into "
+                    "--out-dir.")
     _add_tissue_options(personalize)
+    _add_t1_option(personalize)
     _add_tumor_options(personalize)
     _add_personalize_options(personalize)
     personalize.add_argument("--out-dir", required=True, help="output folder (new, empty, or a previous result)")
@@ -563,8 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=command_demo)
 
     batch = commands.add_parser("batch", help="personalise many cases (locally or on a Dask cluster)",
-                                description="Personalise every case of a CSV (case,tissue,tumor[,tumor_kind]) or "
-                                            "of a folder of case folders (tissue.*, tumor.*) into OUT/CASE/, with "
+                                description="Personalise every case of a CSV (case,tissue,tumor[,tumor_kind]; a t1 "
+                                            "column instead of tissue derives the tissue from a T1) or of a folder "
+                                            "of case folders (tissue.* or t1.*, tumor.*) into OUT/CASE/, with "
                                             "OUT/summary.csv. Resumes: cases with a complete output set are "
                                             "skipped. Exit code 1 when any case failed.")
     batch.add_argument("--cases", required=True, help="CSV file or folder of case folders")

@@ -675,13 +675,42 @@ PLAN_SEGMENT_NAMES = {
 TABLE_OMITTED_KEYS = ("history", "provenance", "search_space")
 
 
+# The tissue the model ran on, as segments; the refilled lesion is drawn as an outline over it.
+MODEL_TISSUE_COLORS = {"WM": (0.94, 0.94, 0.86), "GM": (0.56, 0.56, 0.56), "CSF": (0.35, 0.55, 0.85),
+                       "Refilled lesion": (0.1, 0.9, 0.3)}
+
+
+def model_tissue_to_segmentation_node(scene, tissue: Tissue, lesion: Optional[np.ndarray], name: str, node=None):
+    """The tissue the model ran on (each voxel's largest fraction: WM, GM or CSF) and the lesion whose tissue was
+    refilled (outline only, in the slice views), as one segmentation node on the tissue's grid."""
+    labels = tissue.labelmap()
+    default = TissueLabels()
+    masks = {"WM": labels == default.wm, "GM": labels == default.gm, "CSF": labels == default.csf}
+    if lesion is not None and np.any(lesion):
+        masks["Refilled lesion"] = np.asarray(lesion, bool)
+    node = plans_to_segmentation_node(scene, masks, tissue.geometry, name, node=node, colors=MODEL_TISSUE_COLORS)
+    display = node.GetDisplayNode()
+    if display is not None:
+        if "Refilled lesion" in masks:
+            display.SetSegmentVisibility2DFill(_segment_id_for("Refilled lesion"), False)
+        # The tissue stays in the scene to inspect, but hidden: the infiltration map is what the user came for.
+        display.SetVisibility(False)
+    return node
+
+
 def result_nodes(scene, summary: Mapping, concentration: Volume, plans: Mapping[str, Optional[np.ndarray]],
-                 base_name: str = "Tumor", previous: Optional[Mapping] = None) -> Dict[str, object]:
+                 base_name: str = "Tumor", previous: Optional[Mapping] = None, tissue: Optional[Tissue] = None,
+                 lesion: Optional[np.ndarray] = None) -> Dict[str, object]:
     """The nodes of one personalisation: {"infiltration": volume (Inferno-like, low values transparent),
     "plans": segmentation (one segment per plan key of `plans` with a mask), "seed": point list, "table": table of
-    `summary` (the parameters.json content)}. Nodes in `previous` (same keys) are updated instead of added."""
+    `summary` (the parameters.json content), and with `tissue` "tissue": segmentation of the tissue the model ran on
+    with the refilled `lesion` outlined (model_tissue_to_segmentation_node)}. Nodes in `previous` (same keys) are
+    updated instead of added."""
     previous = previous or {}
     nodes = {}
+    if tissue is not None:
+        nodes["tissue"] = model_tissue_to_segmentation_node(scene, tissue, lesion, f"{base_name} model tissue",
+                                                            node=previous.get("tissue"))
     nodes["infiltration"] = volume_to_node(scene, concentration, f"{base_name} infiltration",
                                            node=previous.get("infiltration"))
     show_as_infiltration(nodes["infiltration"])

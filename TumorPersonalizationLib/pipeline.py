@@ -1,9 +1,12 @@
 """Personalisation end to end: tissue + observed tumor -> parameters, infiltration map, target plans, report.
 
     result = personalize(tissue, observation, method=None, progress=callback, cancel=event)
-    write_outputs(result, "out_dir")      # parameters.json, infiltration.nii.gz, report.png, plan_*.nii.gz: one set
+    result = personalize(None, observation, t1=t1_volume)        # no tissue: derived from a skull-stripped T1
+    write_outputs(result, "out_dir")      # parameters.json, infiltration.nii.gz, tissue.nii.gz, report.png, plan_*
 
-Steps: the observation is resampled onto the tissue's grid and checked; the search runs on a working grid (2 mm by
+Steps: the observation is resampled onto the tissue's grid and checked; the tissue inside the lesion is refilled with
+healthy tissue (lesion.py: a patient's segmentation is of a tumor-bearing brain), or the tissue is derived from a T1
+by registering the atlas (registration.py); the search runs on a working grid (2 mm by
 default, or the tissue's own grid when that is coarser) and, for the networks, in the surrogate frame around the
 tumor's centre of mass; the answer is then run once more with the FD solver on the tissue's own grid (so narrow
 fronts are resolved as finely as the data allow; unless the method made that run already, as hybrid's close-call
@@ -25,6 +28,7 @@ from .constants import DEFAULT_METHOD, DEFAULT_WORKING_SPACING_MM, METHODS, STAN
 from .errors import InputError
 from .geometry import Volume, mask_box
 from .inversion import InversionOptions, Problem, SearchSpace, run_method
+from .lesion import DEFAULT_LESION_TISSUE, LESION_GROW_MM, LesionTissue, lesion_mask, refill_lesion
 from .metrics import compare, dice
 from .observation import GriddedObservation, Observation
 from .parameters import GrowthParameters
@@ -36,13 +40,15 @@ from .tissue import Tissue
 # tumor for a segmentation): then the model does not explain the data and its infiltration map should not be used.
 POOR_FIT_NCC = 0.9
 POOR_FIT_DICE = 0.7
-OUTPUT_FILES = ("parameters.json", "infiltration.nii.gz", "report.png", "plan_standard.nii.gz", "plan_model.nii.gz",
-                "plan_iso.nii.gz")
+OUTPUT_FILES = ("parameters.json", "infiltration.nii.gz", "tissue.nii.gz", "report.png", "plan_standard.nii.gz",
+                "plan_model.nii.gz", "plan_iso.nii.gz")
 
 
 @dataclass
 class PersonalizationResult:
-    """What personalize returns. concentration: the FD run of `parameters` on the tissue's grid."""
+    """What personalize returns. concentration: the FD run of `parameters` on the tissue's grid. tissue: the tissue
+    the model ran on (the given one with its lesion refilled, or the one derived from a T1). lesion: how that tissue
+    was made (LesionTissue: the lesion mask, its source and volumes)."""
 
     parameters: GrowthParameters
     concentration: Volume
@@ -57,13 +63,17 @@ class PersonalizationResult:
     provenance: Dict = field(default_factory=dict)
     observation: Optional[GriddedObservation] = None
     tissue: Optional[Tissue] = None
+    lesion: Optional[LesionTissue] = None
 
     def to_dict(self) -> Dict:
         """The content of parameters.json."""
-        return {**self.parameters.to_dict(), "method": self.method, "loss": self.loss,
-                "runtime_s": round(self.runtime_s, 3), "plans": self.plans.to_dict(), "fit": self.fit,
-                "warnings": list(self.warnings), "search_space": self.search_space, "provenance": self.provenance,
-                "history": self.history}
+        out = {**self.parameters.to_dict(), "method": self.method, "loss": self.loss,
+               "runtime_s": round(self.runtime_s, 3), "plans": self.plans.to_dict(), "fit": self.fit,
+               "warnings": list(self.warnings), "search_space": self.search_space, "provenance": self.provenance,
+               "history": self.history}
+        if self.lesion is not None:
+            out["tissue"] = self.lesion.to_dict()
+        return out
 
 
 def resolve_device(device: str) -> str:
@@ -85,25 +95,32 @@ def working_tissue(tissue: Tissue, spacing_mm: Optional[float]) -> Tissue:
     return tissue.resample(spacing_mm)
 
 
-def personalize(tissue: Tissue, observation: Union[Observation, Volume], method: Optional[str] = None,
+def personalize(tissue: Optional[Tissue], observation: Union[Observation, Volume], method: Optional[str] = None,
                 progress: Optional[ProgressCallback] = None, cancel=None, device: str = "auto",
                 working_spacing_mm: Optional[float] = DEFAULT_WORKING_SPACING_MM,
                 options: Optional[InversionOptions] = None, iso_level: Optional[float] = None,
-                margin_mm: float = STANDARD_MARGIN_MM) -> PersonalizationResult:
+                margin_mm: float = STANDARD_MARGIN_MM, lesion_tissue: str = DEFAULT_LESION_TISSUE,
+                t1: Optional[Volume] = None, lesion_grow_mm: float = LESION_GROW_MM) -> PersonalizationResult:
     """Find the growth parameters that explain an observed tumor and the infiltration map they imply.
 
-    tissue: the patient's WM/GM/CSF (any orientation and spacing). observation: an Observation (concentration or
-    segmentation; a plain Volume is taken as a concentration map), on any grid overlapping the tissue's.
+    tissue: the patient's WM/GM/CSF (any orientation and spacing), or None when a T1 is given. observation: an
+    Observation (concentration or segmentation; a plain Volume is taken as a concentration map), on any grid
+    overlapping the tissue's. lesion_tissue: what fills the lesion (the visible tumor grown by lesion_grow_mm mm)
+    before the fit: "atlas" (the default: the bundled atlas registered to the tissue), "surround" (the healthy
+    WM/GM around it) or "keep" (the tissue as given); see lesion.py. t1: a skull-stripped T1-weighted Volume of the
+    patient, instead of a tissue: the atlas's T1 is registered to it and its WM/GM/CSF warped onto the T1's grid,
+    which is then the grid of every output (registration.tissue_from_t1).
     method: one of inversion.METHODS, None for the default (DEFAULT_METHOD). progress(fraction, message) and cancel
     (anything with is_set()): see progress.py. device: "auto" (CUDA when present), "cpu" or "cuda".
     working_spacing_mm: voxel size (mm) of the grid the FD work of the search runs on (None: the tissue's grid).
     iso_level: also make the iso-concentration plan at this level. margin_mm: the standard plan's margin.
     Raises InputError for bad input (empty tumor, tumor outside the brain or the image, unknown method, missing or
-    corrupt weights) and progress.Cancelled when cancelled; nothing is written either way.
+    corrupt weights, neither or both of tissue and t1, a T1 with its skull) and progress.Cancelled when cancelled;
+    nothing is written either way.
     """
     with blas_single_threaded():
         return _personalize(tissue, observation, method, progress, cancel, device, working_spacing_mm, options,
-                            iso_level, margin_mm)
+                            iso_level, margin_mm, lesion_tissue, t1, lesion_grow_mm)
 
 
 def blas_single_threaded():
@@ -129,23 +146,27 @@ def blas_single_threaded():
 
 
 def _personalize(tissue, observation, method, progress, cancel, device, working_spacing_mm, options, iso_level,
-                 margin_mm) -> PersonalizationResult:
+                 margin_mm, lesion_tissue, t1, lesion_grow_mm) -> PersonalizationResult:
     started = time.perf_counter()
     method = method or DEFAULT_METHOD
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     if isinstance(observation, Volume):
         observation = Observation.from_volume(observation, "concentration")
-    if not isinstance(tissue, Tissue):
-        raise InputError("tissue must be a Tissue (Tissue.from_file, from_labelmap or from_probabilities)")
-    report(progress, 0.0, "preparing the observation")
+    report(progress, 0.0, "preparing the tissue")
+    lesion = patient_tissue(tissue, observation, lesion_tissue, t1, lesion_grow_mm,
+                            sub_progress(progress, 0.0, 0.12, "tissue"), cancel)
+    tissue = lesion.tissue
+    check_cancel(cancel)
+    report(progress, 0.12, "preparing the observation")
     problem, warnings = prepare_problem(tissue, observation, options, device, working_spacing_mm, cancel)
+    warnings = list(tissue.notes) + lesion.warnings + warnings
     gridded, space, work, options, device = (problem.observation, problem.space, problem.work_tissue,
                                              problem.options, problem.device)
     visible = gridded.visible > 0.5
     check_cancel(cancel)
 
-    problem.progress = sub_progress(progress, 0.02, 0.85, method)
+    problem.progress = sub_progress(progress, 0.14, 0.85, method)
     candidate = run_method(method, problem)
     parameters = space.project(candidate.parameters)
     check_cancel(cancel)
@@ -166,7 +187,44 @@ def _personalize(tissue, observation, method, progress, cancel, device, working_
     provenance = _provenance(method, options, device, work, problem, candidate)
     report(progress, 1.0, "done")
     return PersonalizationResult(parameters, concentration, loss, time.perf_counter() - started, problem.history, plans,
-                                 method, warnings, fit, space.to_dict(), provenance, gridded, tissue)
+                                 method, warnings, fit, space.to_dict(), provenance, gridded, tissue, lesion)
+
+
+def patient_tissue(tissue: Optional[Tissue], observation: Observation, lesion_tissue: str = DEFAULT_LESION_TISSUE,
+                   t1: Optional[Volume] = None, lesion_grow_mm: float = LESION_GROW_MM, progress=None,
+                   cancel=None) -> LesionTissue:
+    """The tissue the model runs on: the given tissue with its lesion refilled (lesion.refill_lesion), or, when no
+    tissue but a T1 is given, the atlas's tissue warped onto the T1 (registration.tissue_from_t1, the lesion kept
+    out of the registration's metric). The given tissue's notes (cleaned maps) carry over.
+
+    Raises InputError for neither or both of tissue and t1, a tissue that is not a Tissue, a T1 that is not a
+    Volume, and what the refill or the registration refuses."""
+    if tissue is not None and t1 is not None:
+        raise InputError("give either a tissue or a T1 image, not both")
+    if tissue is None and t1 is None:
+        raise InputError("no tissue: give a tissue (label map or WM/GM/CSF maps) or a skull-stripped T1 image")
+    if t1 is not None:
+        from .registration import tissue_from_t1
+
+        if not isinstance(t1, Volume):
+            raise InputError("t1 must be a Volume (Volume.load(path))")
+        visible = observation.on_grid(t1.geometry).visible
+        lesion = lesion_mask(visible, t1.geometry, lesion_grow_mm)
+        derived = tissue_from_t1(t1, lesion, progress=progress, cancel=cancel)
+        warnings = list(derived.warnings)
+        warnings.append(f"tissue derived from the T1: the atlas registered to it (quality {derived.quality:.2f}); "
+                        f"the {float(lesion.sum()) * t1.geometry.voxel_volume_mm3() / 1000:.1f} cm^3 lesion was "
+                        f"kept out of the registration")
+        if not derived.passed:
+            warnings.append(f"the T1 registration failed its quality check ({derived.quality:.2f}): check the "
+                            f"tissue (tissue.nii.gz) before relying on the result")
+        return LesionTissue(derived.tissue, lesion, "t1", 0.0, float(derived.quality), derived.runtime_s, warnings)
+    if not isinstance(tissue, Tissue):
+        raise InputError("tissue must be a Tissue (Tissue.from_file, from_labelmap or from_probabilities)")
+    visible = observation.on_grid(tissue.geometry).visible
+    refilled = refill_lesion(tissue, visible, lesion_tissue, lesion_grow_mm, progress, cancel)
+    refilled.tissue.notes = list(tissue.notes)
+    return refilled
 
 
 def prepare_problem(tissue: Tissue, observation: Observation, options: Optional[InversionOptions] = None,
@@ -260,8 +318,8 @@ def _provenance(method, options, device, work, problem, candidate) -> Dict:
 
 # ---- outputs, as one set --------------------------------------------------------------------------------------------
 def write_outputs(result: PersonalizationResult, out_dir, picture: bool = True, extra: Optional[Dict] = None) -> Path:
-    """Write parameters.json, infiltration.nii.gz, plan_standard.nii.gz, plan_model.nii.gz (plan_iso.nii.gz when
-    made) and report.png into out_dir as one set: everything goes to a temporary folder beside it, which then
+    """Write parameters.json, infiltration.nii.gz, tissue.nii.gz (the WM, GM, CSF fractions the model ran on),
+    plan_standard.nii.gz, plan_model.nii.gz (plan_iso.nii.gz when made) and report.png into out_dir as one set: everything goes to a temporary folder beside it, which then
     replaces out_dir, so a failure leaves either the previous complete set or nothing.
 
     out_dir may not exist, be empty, or hold a previous result (its files are replaced); other content is refused.
@@ -274,6 +332,10 @@ def write_outputs(result: PersonalizationResult, out_dir, picture: bool = True, 
     try:
         geometry = result.concentration.geometry
         result.concentration.save(temporary / "infiltration.nii.gz")
+        if result.tissue is not None:
+            from .imageio import write_image
+
+            write_image(result.tissue.to_volume_image(), temporary / "tissue.nii.gz")
         Volume(result.plans.standard, geometry).save(temporary / "plan_standard.nii.gz")
         Volume(result.plans.model, geometry).save(temporary / "plan_model.nii.gz")
         if result.plans.iso is not None:

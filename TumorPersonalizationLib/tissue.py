@@ -5,14 +5,23 @@ same ``Tissue``: three float32 fraction arrays in (k, j, i) order plus a ``Geome
 """
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, Tuple, Union
+from typing import Any, List, Sequence, Tuple, Union
 
 import numpy as np
 
 from .constants import BRAIN_FRACTION_THRESHOLD
 from .errors import InputError
-from .geometry import Geometry, Volume, crop_with_padding, cube_box_kji, resample_fraction
+from .geometry import Geometry, Volume, crop_with_padding, cube_box_kji, resample_fraction, resample_linear
 from .imageio import read_image
+
+# Registration-warped probability maps overshoot [0, 1] a little (interpolation of sharp edges) and their sum can
+# exceed 1 where three independently warped maps overlap: up to these limits they are cleaned with a warning, beyond
+# them the maps are refused as not probability maps at all.
+FRACTION_EXCURSION_LIMIT = 0.05
+FRACTION_SUM_LIMIT = 1.10
+# Three maps whose grids differ by at most this share of a voxel (at any corner of the image) are one grid written
+# with rounding differences: they are resampled onto the WM map's grid.
+GRID_MISMATCH_LIMIT_VOXELS = 0.1
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,9 @@ class Tissue:
             arrays.append(np.clip(array, 0.0, 1.0))
         self.wm, self.gm, self.csf = arrays
         self.geometry = geometry
+        # What was done to the input to make it valid (cleaned excursions, resampled maps): the pipeline passes
+        # these on as warnings.
+        self.notes: List[str] = []
 
     # ---- construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -83,12 +95,32 @@ class Tissue:
 
     @classmethod
     def from_probabilities(cls, wm: ImageLike, gm: ImageLike, csf: ImageLike) -> "Tissue":
+        """Tissue from three probability maps (WM, GM, CSF), e.g. warped from an atlas or written by SPM/FAST.
+
+        Values outside [0, 1] by up to FRACTION_EXCURSION_LIMIT and sums up to FRACTION_SUM_LIMIT are cleaned
+        (clipped, then renormalised where the sum exceeds 1) and noted; GM and CSF maps on a grid within
+        GRID_MISMATCH_LIMIT_VOXELS of the WM map's are resampled onto it and noted (Tissue.notes). Raises InputError
+        naming the map for larger excursions or sums, differing grids, or NaN values."""
         volumes = [_as_volume(x) for x in (wm, gm, csf)]
+        notes = []
+        arrays = [np.asarray(volumes[0].array, np.float32)]
         for name, volume in zip(("GM", "CSF"), volumes[1:]):
+            array = np.asarray(volume.array, np.float32)
             if not volume.geometry.same_grid(volumes[0].geometry):
-                raise InputError(f"{name} map grid ({volume.geometry.describe()}) does not match the WM map grid "
-                                 f"({volumes[0].geometry.describe()})")
-        return cls(*(v.array for v in volumes), volumes[0].geometry)
+                mismatch = grid_mismatch_voxels(volume.geometry, volumes[0].geometry)
+                if mismatch > GRID_MISMATCH_LIMIT_VOXELS:
+                    raise InputError(f"{name} map grid ({volume.geometry.describe()}) does not match the WM map grid "
+                                     f"({volumes[0].geometry.describe()}): they differ by {mismatch:.2g} voxel "
+                                     f"(at most {GRID_MISMATCH_LIMIT_VOXELS:g} is resampled)")
+                _check_finite(array, f"{name} map")
+                array = resample_linear(array, volume.geometry, volumes[0].geometry).astype(np.float32)
+                notes.append(f"the {name} map's grid differs from the WM map's by {mismatch:.2g} voxel: resampled "
+                             f"onto the WM map's grid")
+            arrays.append(array)
+        cleaned, cleaning_notes = clean_fractions(arrays, ("WM", "GM", "CSF"), volumes[0].geometry)
+        tissue = cls(*cleaned, volumes[0].geometry)
+        tissue.notes = notes + cleaning_notes
+        return tissue
 
     @classmethod
     def from_file(cls, path: Union[str, Path], labels: TissueLabels = TissueLabels()) -> "Tissue":
@@ -101,11 +133,24 @@ class Tissue:
         if image.GetNumberOfComponentsPerPixel() == 3:
             geometry = Geometry.from_sitk(image)
             array = sitk.GetArrayFromImage(image).astype(np.float32)
-            return cls(array[..., 0], array[..., 1], array[..., 2], geometry)
+            cleaned, notes = clean_fractions([array[..., c] for c in range(3)], ("WM", "GM", "CSF"), geometry)
+            tissue = cls(*cleaned, geometry)
+            tissue.notes = notes
+            return tissue
         if image.GetNumberOfComponentsPerPixel() != 1:
             raise InputError(f"{path}: expected a label map or 3 components (WM, GM, CSF), got "
                              f"{image.GetNumberOfComponentsPerPixel()} components")
         return cls.from_labelmap(image, labels)
+
+    def to_volume_image(self):
+        """The tissue as one 3-component SimpleITK image (WM, GM, CSF fractions, float32) on its grid: what
+        tissue.nii.gz holds and Tissue.from_file reads back."""
+        import SimpleITK as sitk
+
+        stacked = np.stack([self.wm, self.gm, self.csf], axis=-1).astype(np.float32)
+        image = sitk.GetImageFromArray(stacked, isVector=True)
+        self.geometry.apply_to_sitk(image)
+        return image
 
     # ---- derived maps ----------------------------------------------------------------------------------------
     @property
@@ -158,3 +203,49 @@ class Tissue:
         flip = [slice(None)] * 3
         flip[2 - lr_axis_ijk] = slice(None, None, -1)
         return Tissue(*(np.ascontiguousarray(a[tuple(flip)]) for a in (self.wm, self.gm, self.csf)), self.geometry)
+
+
+def grid_mismatch_voxels(a: Geometry, b: Geometry) -> float:
+    """How far apart two grids of the same shape put the same voxel, in voxels (of the smaller spacing): the largest
+    distance between the RAS positions of the image's eight corner voxels. +inf for different shapes."""
+    if a.shape_kji != b.shape_kji:
+        return float("inf")
+    corners = np.array([[k, j, i] for k in (0, a.shape_kji[0] - 1) for j in (0, a.shape_kji[1] - 1)
+                        for i in (0, a.shape_kji[2] - 1)], dtype=np.float64)
+    distance_mm = np.linalg.norm(a.index_kji_to_ras(corners) - b.index_kji_to_ras(corners), axis=1).max()
+    return float(distance_mm / min(min(a.spacing_ijk_mm), min(b.spacing_ijk_mm)))
+
+
+def clean_fractions(arrays: Sequence[np.ndarray], names: Sequence[str], geometry: Geometry):
+    """Probability maps with small excursions made fractions: each map clipped to [0, 1], then the three divided by
+    their sum where it exceeds 1. Returns (arrays, notes); notes is empty when nothing changed.
+
+    Raises InputError naming the map and the value when a map leaves [0, 1] by more than FRACTION_EXCURSION_LIMIT,
+    or naming the voxel's sum when the maps add up to more than FRACTION_SUM_LIMIT (not probability maps)."""
+    arrays = [np.asarray(a, np.float32) for a in arrays]
+    for name, array in zip(names, arrays):
+        _check_finite(array, f"{name} map")
+        low, high = float(array.min()), float(array.max())
+        if low < -FRACTION_EXCURSION_LIMIT or high > 1 + FRACTION_EXCURSION_LIMIT:
+            value = low if low < -FRACTION_EXCURSION_LIMIT else high
+            raise InputError(f"{name} map holds {value:.3g}: probability maps must lie in [0, 1] (up to "
+                             f"{FRACTION_EXCURSION_LIMIT:g} outside is cleaned as interpolation overshoot)")
+    total_raw = sum(arrays)
+    worst_sum = float(total_raw.max())
+    if worst_sum > FRACTION_SUM_LIMIT:
+        raise InputError(f"WM + GM + CSF maps add up to {worst_sum:.3g} in a voxel: probability maps must sum to at "
+                         f"most 1 (up to {FRACTION_SUM_LIMIT:g} is renormalised)")
+    excursion = max(max(float(-a.min()), float(a.max()) - 1.0) for a in arrays)
+    if excursion <= 1e-6 and worst_sum <= 1.0 + 1e-6:
+        return arrays, []
+    clipped = [np.clip(a, 0.0, 1.0) for a in arrays]
+    total = sum(clipped)
+    over = total > 1.0
+    cleaned = [np.where(over, a / np.maximum(total, 1e-12), a).astype(np.float32) for a in clipped]
+    changed = np.zeros(total.shape, bool)
+    for before, after in zip(arrays, cleaned):
+        changed |= np.abs(before - after) > 1e-6
+    volume_cm3 = float(changed.sum()) * geometry.voxel_volume_mm3() / 1000.0
+    note = (f"tissue maps cleaned: values up to {max(excursion, 0.0):.3g} outside [0, 1] clipped and sums up to "
+            f"{worst_sum:.3g} renormalised to 1 ({volume_cm3:.2f} cm^3 changed)")
+    return cleaned, [note]
