@@ -57,13 +57,18 @@ class PersonalizationResult:
     provenance: Dict = field(default_factory=dict)
     observation: Optional[GriddedObservation] = None
     tissue: Optional[Tissue] = None
+    # Coverage of a later tumor by the plans (recurrence.add_recurrence), when a follow-up was given.
+    recurrence: Optional[Dict] = None
 
     def to_dict(self) -> Dict:
         """The content of parameters.json."""
-        return {**self.parameters.to_dict(), "method": self.method, "loss": self.loss,
-                "runtime_s": round(self.runtime_s, 3), "plans": self.plans.to_dict(), "fit": self.fit,
-                "warnings": list(self.warnings), "search_space": self.search_space, "provenance": self.provenance,
-                "history": self.history}
+        out = {**self.parameters.to_dict(), "method": self.method, "loss": self.loss,
+               "runtime_s": round(self.runtime_s, 3), "plans": self.plans.to_dict(), "fit": self.fit,
+               "warnings": list(self.warnings), "search_space": self.search_space, "provenance": self.provenance,
+               "history": self.history}
+        if self.recurrence is not None:
+            out["recurrence"] = self.recurrence
+        return out
 
 
 def resolve_device(device: str) -> str:
