@@ -466,8 +466,8 @@ def _previous_row(out_root: Path, case: dict):
     data = json.loads(path.read_text())
     seed = data["seed_ras_mm"]
     recurrence = (data.get("recurrence") or {}).get("all") or {}
-    return {"case": case["case"], "status": "done", "recurrence_standard": recurrence.get("standard", ""),
-            "recurrence_model": recurrence.get("model", ""), "seed_x_mm": seed[0], "seed_y_mm": seed[1], "seed_z_mm": seed[2],
+    return {"case": case["case"], "status": "done", "seed_x_mm": seed[0], "seed_y_mm": seed[1], "seed_z_mm": seed[2],
+            "recurrence_standard": recurrence.get("standard", ""), "recurrence_model": recurrence.get("model", ""),
             "mu_d_mm": data["mu_d_mm"], "mu_rho": data["mu_rho"], "loss": data["loss"],
             "runtime_s": data["runtime_s"], "standard_cm3": data["plans"]["standard_cm3"],
             "model_cm3": data["plans"]["model_cm3"], "warnings": " | ".join(data.get("warnings", []))}
@@ -609,9 +609,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=command_demo)
 
     batch = commands.add_parser("batch", help="personalise many cases (locally or on a Dask cluster)",
-                                description="Personalise every case of a CSV (case,tissue,tumor[,tumor_kind][,recurrence]) "
-                                            "or of a folder of case folders (tissue.*, tumor.*[, recurrence.*]) into "
-                                            "OUT/CASE/, with "
+                                description="Personalise every case of a CSV (case,tissue,tumor[,tumor_kind]"
+                                            "[,recurrence]) or of a folder of case folders (tissue.*, tumor.*[, "
+                                            "recurrence.*]) into OUT/CASE/, with "
                                             "OUT/summary.csv. Resumes: cases with a complete output set are "
                                             "skipped. Exit code 1 when any case failed.")
     batch.add_argument("--cases", required=True, help="CSV file or folder of case folders")
