@@ -1,4 +1,4 @@
-"""Command line: ``tumor-personalization simulate | personalize | demo | batch``.
+"""Command line: ``tumor-personalization simulate | personalize | demo | batch | predict-gbm``.
 
 Every option has --help; progress goes to stderr; bad input ends with a one-line error and exit code 2, and no
 output file is left half-written.
@@ -561,6 +561,17 @@ def _run_batch_on_dask(cases, out_root, settings, scheduler, workers, finish):
             cluster.close()
 
 
+def command_predict_gbm(args) -> int:
+    from .pipeline import resolve_device
+    from .predict_gbm import predict_gbm
+
+    resolve_device(args.device)
+    written, failed = predict_gbm(args.input, args.output, method=args.method, device=args.device,
+                                  tumor_labels=tuple(args.tumor_labels))
+    print(json.dumps({"written": len(written), "failed": sorted(failed), "output": str(args.output)}, indent=2))
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tumor-personalization",
                      description="Personalised Fisher-Kolmogorov brain-tumor growth modelling.")
@@ -625,6 +636,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recurrence_options(batch, per_case=True)
     _add_personalize_options(batch)
     batch.set_defaults(handler=command_batch)
+
+    from .constants import DEFAULT_METHOD, METHODS
+
+    predict = commands.add_parser(
+        "predict-gbm", help="the PREDICT-GBM model contract: a folder of patients in, one map per patient out",
+        description="Personalise every INPUT/Patient-XXXXX/ (XXXXX-gm, -wm, -csf probability maps and XXXXX-tumorseg "
+                    "labels, .nii.gz) and write OUTPUT/XXXXX.nii.gz: the tumor-cell concentration on the input grid, "
+                    "> 0 in the brain and free of ties, for ranking. A broken patient is reported and skipped; exit "
+                    "code 1 when any failed.")
+    predict.add_argument("--input", required=True, help="folder of Patient-XXXXX folders")
+    predict.add_argument("--output", required=True, help="folder for the XXXXX.nii.gz maps (created)")
+    predict.add_argument("--method", choices=METHODS, default=None,
+                         help=f"inversion method (default: {DEFAULT_METHOD})")
+    predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                         help="where networks and solver run (default auto: CUDA when present)")
+    predict.add_argument("--tumor-labels", nargs=3, type=int, default=(1, 2, 3),
+                         metavar=("NECROTIC", "EDEMA", "ENHANCING"), help="tumorseg labels (default 1 2 3)")
+    predict.set_defaults(handler=command_predict_gbm)
     return parser
 
 
