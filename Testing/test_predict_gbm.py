@@ -77,9 +77,12 @@ def patients(tmp_path_factory):
 
     tissue = load_atlas(2).crop_cube((28.0, -12.0, 24.0), 80.0)  # 40^3 voxels of 2 mm
     root = tmp_path_factory.mktemp("predict_gbm") / "input"
+    grown = {}
     for name, seed, flip in (("00000", (28.0, -12.0, 24.0), False), ("00001", (20.0, -4.0, 20.0), True),
                              ("00002", (28.0, -12.0, 24.0), False)):
-        c = simulate(tissue, GrowthParameters(seed, 5.0, 2.5)).array
+        if seed not in grown:
+            grown[seed] = simulate(tissue, GrowthParameters(seed, 5.0, 2.5)).array
+        c = grown[seed]
         maps = {"gm": tissue.gm, "wm": tissue.wm, "csf": tissue.csf,
                 "tumorseg": np.where(c >= 0.675, 3, np.where(c >= 0.25, 2, 0)).astype(np.int16)}
         folder = root / f"Patient-{name}"
