@@ -609,7 +609,8 @@ class TumorPersonalizationLogic(ScriptedLoadableModuleLogic):
         method: None for the library's default. progress(fraction, message), cancel (anything with is_set()): a
         cancelled run raises TumorPersonalizationLib.progress.Cancelled and leaves the scene unchanged.
         options: segmentNames {"wm", "gm", "csf": name}, tissueLabels {"csf", "gm", "wm": value}, tumorKind,
-        tumorLabels (NECROTIC, EDEMA, ENHANCING), backgroundNode.
+        tumorLabels (NECROTIC, EDEMA, ENHANCING), backgroundNode, recurrenceNode (a later tumor segmentation or
+        label map, same labels: the share of it inside each plan goes to result.recurrence and the table).
         nodes: {"infiltration", "plans", "seed", "table"}; a re-run with the same tumor node replaces them.
         """
         from TumorPersonalizationLib.observation import Observation
@@ -617,14 +618,33 @@ class TumorPersonalizationLogic(ScriptedLoadableModuleLogic):
 
         options = dict(options)
         backgroundNode = options.pop("backgroundNode", None)
+        recurrenceNode = options.pop("recurrenceNode", None)
         tissue, tumorVolume, kind, tumorLabels = self._prepareInputs(tissueNode, tumorNode, options)
+        recurrence = self.recurrenceFromNode(recurrenceNode, tissue, tumorLabels)
         observation = Observation.from_volume(tumorVolume, kind=kind, labels=tumorLabels)
         result = personalize(tissue, observation, method=method, device=device, progress=progress, cancel=cancel)
+        if recurrence is not None:
+            from TumorPersonalizationLib.recurrence import add_recurrence
+
+            add_recurrence(result, recurrence, tumorLabels)
         plans = {"standard": result.plans.standard, "model": result.plans.model,
                  "iso": getattr(result.plans, "iso", None)}
         nodes = self.showOutputs(result.to_dict(), result.concentration, plans, tumorNode,
                                  backgroundNode or self.defaultBackgroundNode(tissueNode))
         return result, nodes
+
+    def recurrenceFromNode(self, recurrenceNode, tissue, tumorLabels: Sequence[int]):
+        """The later tumor segmentation (segmentation node or label map volume) as a checked label Volume on any
+        grid, or None without one; InputError (before any long work) when it is empty, has other labels or lies
+        outside the tissue image."""
+        if recurrenceNode is None:
+            return None
+        from TumorPersonalizationLib.recurrence import check_recurrence_labels, recurrence_on_grid
+
+        volume, _ = self.tumorVolumeFromNode(recurrenceNode, tissue.geometry, "segmentation", tumorLabels)
+        volume = check_recurrence_labels(volume, tumorLabels, f"recurrence '{recurrenceNode.GetName()}'")
+        recurrence_on_grid(volume, tissue.geometry, tumorLabels)
+        return volume
 
     def _prepareInputs(self, tissueNode, tumorNode, options: Dict[str, Any]):
         unknown = set(options) - {"segmentNames", "tissueLabels", "tumorKind", "tumorLabels"}
@@ -644,15 +664,21 @@ class TumorPersonalizationLogic(ScriptedLoadableModuleLogic):
         run.anchorNode, run.backgroundNode). Options as for personalize."""
         options = dict(options)
         backgroundNode = options.pop("backgroundNode", None) or self.defaultBackgroundNode(tissueNode)
+        recurrenceNode = options.pop("recurrenceNode", None)
         tissue, tumorVolume, kind, tumorLabels = self._prepareInputs(tissueNode, tumorNode, options)
+        recurrence = self.recurrenceFromNode(recurrenceNode, tissue, tumorLabels)
         workDirectory = Path(tempfile.mkdtemp(prefix="TumorPersonalization-"))
         try:
             tissuePath, tumorPath = workDirectory / "tissue.nii.gz", workDirectory / "tumor.nii.gz"
             self.writeTissueFractions(tissue, tissuePath)
             tumorVolume.save(tumorPath)
+            recurrencePath = None
+            if recurrence is not None:
+                recurrencePath = workDirectory / "recurrence.nii.gz"
+                recurrence.save(recurrencePath)
             outputDirectory = workDirectory / "output"
             command = self.personalizeCommand(tissuePath, tumorPath, kind, tumorLabels, method, device,
-                                              outputDirectory)
+                                              outputDirectory, recurrencePath=recurrencePath)
             with open(workDirectory / "progress.log", "wb") as progressFile, \
                     open(workDirectory / "stdout.log", "wb") as outputFile:
                 process = subprocess.Popen(command, stdout=outputFile, stderr=progressFile, cwd=str(workDirectory),
@@ -665,12 +691,14 @@ class TumorPersonalizationLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def personalizeCommand(tissuePath, tumorPath, tumorKind: str, tumorLabels: Sequence[int],
-                           method: Optional[str], device: str, outputDirectory) -> List[str]:
+                           method: Optional[str], device: str, outputDirectory, recurrencePath=None) -> List[str]:
         """The command line of a background run (machine-readable progress on stderr)."""
         command = [TumorPersonalizationLogic.pythonExecutable(), "-m", "TumorPersonalizationLib.cli", "personalize",
                    "--tissue", str(tissuePath), "--tumor", str(tumorPath), "--tumor-kind", tumorKind]
         if tumorKind == "segmentation":
             command += ["--tumor-labels"] + [str(int(v)) for v in tumorLabels]
+        if recurrencePath is not None:
+            command += ["--recurrence", str(recurrencePath), "--recurrence-labels"] + [str(int(v)) for v in tumorLabels]
         if method:
             command += ["--method", method]
         command += ["--device", device or "auto", "--progress", "json", "--out-dir", str(outputDirectory)]

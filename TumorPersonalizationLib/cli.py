@@ -1,4 +1,4 @@
-"""Command line: ``tumor-personalization simulate | personalize | demo | batch``.
+"""Command line: ``tumor-personalization simulate | personalize | demo | batch | predict-gbm``.
 
 Every option has --help; progress goes to stderr; bad input ends with a one-line error and exit code 2, and no
 output file is left half-written.
@@ -217,6 +217,16 @@ def _add_tumor_options(parser, required=True):
                        help="segmentation labels (default BraTS 2023: 1 2 3; BraTS 2021: 1 2 4)")
 
 
+def _add_recurrence_options(parser, per_case=False):
+    group = parser.add_argument_group("follow-up")
+    if not per_case:
+        group.add_argument("--recurrence", metavar="FILE",
+                           help="a later tumor segmentation of the same patient (any grid): parameters.json and the "
+                                "report get the share of it inside each plan (all labels, and enhancing only)")
+    group.add_argument("--recurrence-labels", nargs=3, type=int, metavar=("NECROTIC", "EDEMA", "ENHANCING"),
+                       help="labels of the recurrence segmentation (default: those of --tumor-labels)")
+
+
 def _settings_from_args(args) -> dict:
     """The personalisation settings of a command line, as plain values (a batch sends them to workers)."""
     if args.working_spacing is not None and not 0.2 <= args.working_spacing <= 10:
@@ -240,7 +250,9 @@ def _settings_from_args(args) -> dict:
             "close_call_ratio": args.close_call_ratio, "close_call_max_runs": args.close_call_max_runs,
             "tumor_kind": getattr(args, "tumor_kind", "concentration"),
             "tumor_labels": list(getattr(args, "tumor_labels", (1, 2, 3))),
-            "lesion_tissue": getattr(args, "lesion_tissue", "atlas")}
+            "lesion_tissue": getattr(args, "lesion_tissue", "atlas"),
+            "recurrence_labels": list(getattr(args, "recurrence_labels", None)
+                                      or getattr(args, "tumor_labels", (1, 2, 3)))}
 
 
 def _personalize(tissue, observation, settings: dict, progress):
@@ -276,10 +288,20 @@ def _load_observation(path, settings: dict):
                                               settings.get("core_threshold", CORE_THRESHOLD)))
 
 
+def _load_recurrence(path, settings: dict):
+    """The follow-up segmentation, read and checked before any long work (InputError naming the file)."""
+    from .recurrence import load_recurrence
+
+    return load_recurrence(path, tuple(settings.get("recurrence_labels") or settings.get("tumor_labels", (1, 2, 3))))
+
+
 def _result_summary(result) -> dict:
-    return {**result.parameters.to_dict(), "method": result.method, "loss": result.loss,
-            "runtime_s": round(result.runtime_s, 2), "plans": result.plans.to_dict(), "fit": result.fit,
-            "warnings": result.warnings}
+    summary = {**result.parameters.to_dict(), "method": result.method, "loss": result.loss,
+               "runtime_s": round(result.runtime_s, 2), "plans": result.plans.to_dict(), "fit": result.fit,
+               "warnings": result.warnings}
+    if getattr(result, "recurrence", None) is not None:
+        summary["recurrence"] = result.recurrence
+    return summary
 
 
 def command_personalize(args) -> int:
@@ -290,13 +312,20 @@ def command_personalize(args) -> int:
     from .pipeline import resolve_device
 
     resolve_device(args.device)
+    recurrence = _load_recurrence(args.recurrence, settings) if args.recurrence else None
     tissue = load_tissue_from_args(args)
     observation = _load_observation(args.tumor, settings)
+    if recurrence is not None:
+        from .recurrence import add_recurrence, recurrence_on_grid
+
+        recurrence_on_grid(recurrence, tissue.geometry)  # refuses one outside the tissue image before the search
     progress = _make_progress(args.progress, "personalising")
     try:
         result = _personalize(tissue, observation, settings, progress)
     finally:
         progress.close()
+    if recurrence is not None:
+        add_recurrence(result, recurrence)
     write_outputs(result, args.out_dir)
     for warning in result.warnings:
         print(f"tumor-personalization: warning: {warning}", file=sys.stderr)
@@ -373,11 +402,14 @@ def _fmt_seed(seed):
 # ---- batch ---------------------------------------------------------------------------------------------------------
 SUMMARY_COLUMNS = ("case", "status", "seed_x_mm", "seed_y_mm", "seed_z_mm", "mu_d_mm", "mu_rho", "loss", "runtime_s",
                    "standard_cm3", "model_cm3", "warnings", "error")
+# Shares of a case's follow-up segmentation (its recurrence column or file) inside the plans.
+SUMMARY_COLUMNS += ("recurrence_standard", "recurrence_model")
 
 
 def read_cases(source) -> list:
-    """Cases of a batch: a CSV (columns case, tissue, tumor; optional tumor_kind) or a folder of case folders, each
-    holding tissue.* and tumor.* images. Relative paths in a CSV are relative to the CSV's folder."""
+    """Cases of a batch: a CSV (columns case, tissue, tumor; optional tumor_kind, recurrence) or a folder of case
+    folders, each holding tissue.* and tumor.* images (and optionally recurrence.*, a follow-up segmentation).
+    Relative paths in a CSV are relative to the CSV's folder."""
     import csv
 
     source = Path(source)
@@ -386,7 +418,7 @@ def read_cases(source) -> list:
     cases = []
     if source.is_dir():
         for folder in sorted(p for p in source.iterdir() if p.is_dir()):
-            found = {kind: sorted(folder.glob(f"{kind}.*")) for kind in ("tissue", "tumor", "t1")}
+            found = {kind: sorted(folder.glob(f"{kind}.*")) for kind in ("tissue", "tumor", "t1", "recurrence")}
             cases.append({"case": folder.name, **{kind: str(paths[0]) if paths else ""
                                                   for kind, paths in found.items()}})
     else:
@@ -399,7 +431,7 @@ def read_cases(source) -> list:
                                  f"{', '.join(sorted(missing) or ['tissue or t1'])})")
             for row in reader:
                 row = {k: (v or "").strip() for k, v in row.items() if k}
-                for key in ("tissue", "tumor", "t1"):
+                for key in ("tissue", "tumor", "t1", "recurrence"):
                     if row.get(key) and not Path(row[key]).is_absolute() and row[key] not in ATLAS_NAMES:
                         row[key] = str(source.parent / row[key])
                 cases.append(row)
@@ -426,6 +458,7 @@ def run_case(case: dict, out_root: str, settings: dict) -> dict:
             raise InputError("the case needs a tumor image and a tissue or a T1 image")
         if case.get("tissue") and case.get("t1"):
             raise InputError("the case has both a tissue and a T1 image: give one")
+        recurrence = _load_recurrence(case["recurrence"], case_settings) if case.get("recurrence") else None
         if case.get("t1"):
             from .geometry import Volume
 
@@ -436,7 +469,16 @@ def run_case(case: dict, out_root: str, settings: dict) -> dict:
             tissue = load_atlas(ATLAS_NAMES[case["tissue"]])
         else:
             tissue = Tissue.from_file(case["tissue"])
-        result = _personalize(tissue, _load_observation(case["tumor"], case_settings), case_settings, None)
+        observation = _load_observation(case["tumor"], case_settings)
+        if recurrence is not None:
+            from .recurrence import add_recurrence, recurrence_on_grid
+
+            recurrence_on_grid(recurrence, tissue.geometry)
+        result = _personalize(tissue, observation, case_settings, None)
+        if recurrence is not None:
+            add_recurrence(result, recurrence)
+            row.update(recurrence_standard=result.recurrence["all"]["standard"],
+                       recurrence_model=result.recurrence["all"]["model"])
         write_outputs(result, Path(out_root) / case["case"], extra={"case": case["case"]})
         p = result.parameters
         row.update(status="done", seed_x_mm=p.seed_ras_mm[0], seed_y_mm=p.seed_ras_mm[1], seed_z_mm=p.seed_ras_mm[2],
@@ -455,7 +497,9 @@ def _previous_row(out_root: Path, case: dict):
         return None
     data = json.loads(path.read_text())
     seed = data["seed_ras_mm"]
+    recurrence = (data.get("recurrence") or {}).get("all") or {}
     return {"case": case["case"], "status": "done", "seed_x_mm": seed[0], "seed_y_mm": seed[1], "seed_z_mm": seed[2],
+            "recurrence_standard": recurrence.get("standard", ""), "recurrence_model": recurrence.get("model", ""),
             "mu_d_mm": data["mu_d_mm"], "mu_rho": data["mu_rho"], "loss": data["loss"],
             "runtime_s": data["runtime_s"], "standard_cm3": data["plans"]["standard_cm3"],
             "model_cm3": data["plans"]["model_cm3"], "warnings": " | ".join(data.get("warnings", []))}
@@ -549,6 +593,17 @@ def _run_batch_on_dask(cases, out_root, settings, scheduler, workers, finish):
             cluster.close()
 
 
+def command_predict_gbm(args) -> int:
+    from .pipeline import resolve_device
+    from .predict_gbm import predict_gbm
+
+    resolve_device(args.device)
+    written, failed = predict_gbm(args.input, args.output, method=args.method, device=args.device,
+                                  tumor_labels=tuple(args.tumor_labels))
+    print(json.dumps({"written": len(written), "failed": sorted(failed), "output": str(args.output)}, indent=2))
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tumor-personalization",
                      description="Personalised Fisher-Kolmogorov brain-tumor growth modelling.")
@@ -582,6 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tissue_options(personalize)
     _add_t1_option(personalize)
     _add_tumor_options(personalize)
+    _add_recurrence_options(personalize)
     _add_personalize_options(personalize)
     personalize.add_argument("--out-dir", required=True, help="output folder (new, empty, or a previous result)")
     personalize.set_defaults(handler=command_personalize)
@@ -598,9 +654,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=command_demo)
 
     batch = commands.add_parser("batch", help="personalise many cases (locally or on a Dask cluster)",
-                                description="Personalise every case of a CSV (case,tissue,tumor[,tumor_kind]; a t1 "
-                                            "column instead of tissue derives the tissue from a T1) or of a folder "
-                                            "of case folders (tissue.* or t1.*, tumor.*) into OUT/CASE/, with "
+                                description="Personalise every case of a CSV (case,tissue,tumor[,tumor_kind]"
+                                            "[,recurrence]; a t1 column instead of tissue derives the tissue from a "
+                                            "T1) or of a folder of case folders (tissue.* or t1.*, tumor.*[, "
+                                            "recurrence.*]) into OUT/CASE/, with "
                                             "OUT/summary.csv. Resumes: cases with a complete output set are "
                                             "skipped. Exit code 1 when any case failed.")
     batch.add_argument("--cases", required=True, help="CSV file or folder of case folders")
@@ -611,8 +668,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default kind of the tumor images (a CSV column tumor_kind overrides it per case)")
     batch.add_argument("--tumor-labels", nargs=3, type=int, default=(1, 2, 3),
                        metavar=("NECROTIC", "EDEMA", "ENHANCING"), help="segmentation labels (default 1 2 3)")
+    _add_recurrence_options(batch, per_case=True)
     _add_personalize_options(batch)
     batch.set_defaults(handler=command_batch)
+
+    from .constants import DEFAULT_METHOD, METHODS
+
+    predict = commands.add_parser(
+        "predict-gbm", help="the PREDICT-GBM model contract: a folder of patients in, one map per patient out",
+        description="Personalise every INPUT/Patient-XXXXX/ (XXXXX-gm, -wm, -csf probability maps and XXXXX-tumorseg "
+                    "labels, .nii.gz) and write OUTPUT/XXXXX.nii.gz: the tumor-cell concentration on the input grid, "
+                    "> 0 in the brain and free of ties, for ranking. A broken patient is reported and skipped; exit "
+                    "code 1 when any failed.")
+    predict.add_argument("--input", required=True, help="folder of Patient-XXXXX folders")
+    predict.add_argument("--output", required=True, help="folder for the XXXXX.nii.gz maps (created)")
+    predict.add_argument("--method", choices=METHODS, default=None,
+                         help=f"inversion method (default: {DEFAULT_METHOD})")
+    predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                         help="where networks and solver run (default auto: CUDA when present)")
+    predict.add_argument("--tumor-labels", nargs=3, type=int, default=(1, 2, 3),
+                         metavar=("NECROTIC", "EDEMA", "ENHANCING"), help="tumorseg labels (default 1 2 3)")
+    predict.set_defaults(handler=command_predict_gbm)
     return parser
 
 

@@ -64,6 +64,8 @@ class PersonalizationResult:
     observation: Optional[GriddedObservation] = None
     tissue: Optional[Tissue] = None
     lesion: Optional[LesionTissue] = None
+    # Coverage of a later tumor by the plans (recurrence.add_recurrence), when a follow-up was given.
+    recurrence: Optional[Dict] = None
 
     def to_dict(self) -> Dict:
         """The content of parameters.json."""
@@ -73,6 +75,8 @@ class PersonalizationResult:
                "history": self.history}
         if self.lesion is not None:
             out["tissue"] = self.lesion.to_dict()
+        if self.recurrence is not None:
+            out["recurrence"] = self.recurrence
         return out
 
 
@@ -100,7 +104,9 @@ def personalize(tissue: Optional[Tissue], observation: Union[Observation, Volume
                 working_spacing_mm: Optional[float] = DEFAULT_WORKING_SPACING_MM,
                 options: Optional[InversionOptions] = None, iso_level: Optional[float] = None,
                 margin_mm: float = STANDARD_MARGIN_MM, lesion_tissue: str = DEFAULT_LESION_TISSUE,
-                t1: Optional[Volume] = None, lesion_grow_mm: float = LESION_GROW_MM) -> PersonalizationResult:
+                t1: Optional[Volume] = None, lesion_grow_mm: float = LESION_GROW_MM,
+                recurrence: Optional[Union[Observation, Volume]] = None,
+                recurrence_labels=None) -> PersonalizationResult:
     """Find the growth parameters that explain an observed tumor and the infiltration map they imply.
 
     tissue: the patient's WM/GM/CSF (any orientation and spacing), or None when a T1 is given. observation: an
@@ -109,7 +115,9 @@ def personalize(tissue: Optional[Tissue], observation: Union[Observation, Volume
     before the fit: "atlas" (the default: the bundled atlas registered to the tissue), "surround" (the healthy
     WM/GM around it) or "keep" (the tissue as given); see lesion.py. t1: a skull-stripped T1-weighted Volume of the
     patient, instead of a tissue: the atlas's T1 is registered to it and its WM/GM/CSF warped onto the T1's grid,
-    which is then the grid of every output (registration.tissue_from_t1).
+    which is then the grid of every output (registration.tissue_from_t1). recurrence: a later tumor segmentation
+    of the same patient (Volume of labels, any grid; labels recurrence_labels, default BraTS 2023): its share inside
+    each plan goes to result.recurrence (recurrence.add_recurrence); it is checked before the search.
     method: one of inversion.METHODS, None for the default (DEFAULT_METHOD). progress(fraction, message) and cancel
     (anything with is_set()): see progress.py. device: "auto" (CUDA when present), "cpu" or "cuda".
     working_spacing_mm: voxel size (mm) of the grid the FD work of the search runs on (None: the tissue's grid).
@@ -119,8 +127,19 @@ def personalize(tissue: Optional[Tissue], observation: Union[Observation, Volume
     nothing is written either way.
     """
     with blas_single_threaded():
-        return _personalize(tissue, observation, method, progress, cancel, device, working_spacing_mm, options,
-                            iso_level, margin_mm, lesion_tissue, t1, lesion_grow_mm)
+        if recurrence is not None:
+            from .recurrence import recurrence_on_grid
+
+            grid = (t1 if t1 is not None else tissue).geometry if (t1 is not None or tissue is not None) else None
+            if grid is not None:
+                recurrence_on_grid(recurrence, grid, recurrence_labels)  # refused before the search, not after
+        result = _personalize(tissue, observation, method, progress, cancel, device, working_spacing_mm, options,
+                              iso_level, margin_mm, lesion_tissue, t1, lesion_grow_mm)
+        if recurrence is not None:
+            from .recurrence import add_recurrence
+
+            add_recurrence(result, recurrence, recurrence_labels)
+        return result
 
 
 def blas_single_threaded():

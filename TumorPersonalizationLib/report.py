@@ -104,7 +104,8 @@ def save_concentration_figure(path, tissue: Tissue, concentration: Volume, title
 def save_result_figure(path, result) -> Path:
     """The personalisation at a glance: three orthogonal slices through the observed tumor with the inferred
     infiltration (colour, iso-lines at the imaging thresholds), the observed tumor (white dashed), the standard
-    15 mm plan (orange) and the equal-volume model plan (magenta), the seed (cross); and the loss curve."""
+    15 mm plan (orange) and the equal-volume model plan (magenta), the seed (cross); and the loss curve. With a
+    follow-up (result.recurrence), the share of the recurrence each plan covers is printed under the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,8 +160,15 @@ def save_result_figure(path, result) -> Path:
     seed = ", ".join(f"{x:.0f}" for x in p.seed_ras_mm)
     volumes = result.plans.volumes_cm3
     fit_ncc = f"NCC {result.fit['ncc']:.3f}, " if "ncc" in result.fit else ""
+    recurrence = getattr(result, "recurrence", None)
+    if recurrence:
+        from .recurrence import coverage_summary
+
+        recurrence_line = "\n" + coverage_summary(recurrence)
+    else:
+        recurrence_line = ""
     figure.suptitle(f"seed RAS ({seed}) mm, mu_D {p.mu_d_mm:.2f} mm, mu_rho {p.mu_rho:.2f}; fit {fit_ncc}"
                     f"Dice visible {result.fit.get('dice_visible', 0):.2f};"
-                    f" plans {volumes['standard_cm3']:.0f} cm^3 each" + ("\n" + "; ".join(result.warnings)
-                                                                          if result.warnings else ""), fontsize=9)
+                    f" plans {volumes['standard_cm3']:.0f} cm^3 each" + recurrence_line
+                    + ("\n" + "; ".join(result.warnings) if result.warnings else ""), fontsize=9)
     return _write_png(figure, path, dpi=100)
