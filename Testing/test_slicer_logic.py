@@ -256,11 +256,18 @@ def test_dependencies_are_never_installed_outside_the_application(module, monkey
     logic_class = module.TumorPersonalizationLogic
     installs = []
     monkeypatch.setattr(slicer.util, "pip_install", lambda *a, **k: installs.append(a))
-    monkeypatch.setattr(logic_class, "torchAvailable", staticmethod(lambda: False))
+    installed = {"torch": None}
+    real_version = module.slicer_deps.installed_version
+    monkeypatch.setattr(module.slicer_deps, "installed_version",
+                        lambda name: installed[name] if name in installed else real_version(name))
     with pytest.raises(RuntimeError, match="needs PyTorch"):
         logic_class().ensureDependencies()
+    # A torch older than the supported one is not used: the error points to the PyTorch Util module.
+    installed["torch"] = "1.13.1"
+    with pytest.raises(RuntimeError, match="PyTorch 1.13.1 is installed.*'PyTorch Util' module"):
+        logic_class().ensureDependencies()
     assert installs == []
-    monkeypatch.setattr(logic_class, "torchAvailable", staticmethod(lambda: True))
+    installed["torch"] = "2.13.0+cpu"
     monkeypatch.setattr(logic_class, "missingPythonPackages", staticmethod(lambda: []))
     assert logic_class().ensureDependencies() is True
 
