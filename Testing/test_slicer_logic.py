@@ -479,3 +479,18 @@ def test_batch_script_on_the_bundled_atlas_under_plain_python(tmp_path):
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(_batch_module().OUTPUT_FILES)
     summary = json.loads((out_dir / "parameters.json").read_text())
     assert np.linalg.norm(np.subtract(summary["seed_ras_mm"], TRUE_SEED_RAS_MM)) < 15.0
+
+
+def test_self_test_without_dependencies_is_a_skip_in_reload_and_test_and_under_unittest(module, monkeypatch):
+    """"Reload and Test" calls runTest directly: a missing torch shows as a skip message there, not an error; under
+    unittest's runner the same test is reported as skipped."""
+    monkeypatch.setattr(module.slicer_deps, "installed_version", lambda name: None)
+    mrml.create_headless_scene()
+    messages = []
+    case = module.TumorPersonalizationTest("runTest")
+    monkeypatch.setattr(case, "delayDisplay", lambda message, msec=None: messages.append(message))
+    case.runTest()  # raises nothing
+    assert any(m.startswith("Test skipped: ") and "PyTorch (torch >=2.1) is not installed" in m for m in messages)
+    result = case.defaultTestResult()
+    module.TumorPersonalizationTest("runTest").run(result)
+    assert result.wasSuccessful() and len(result.skipped) == 1, result.errors
