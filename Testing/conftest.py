@@ -1,4 +1,5 @@
 """Shared builders for small synthetic tissues (tests must stay fast on a 2-core CPU)."""
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from TumorPersonalizationLib.geometry import Geometry  # noqa: E402
 from TumorPersonalizationLib.tissue import Tissue  # noqa: E402
+
+# The stock-Slicer tests need the environments `make test-stock-slicer` builds, which sets this variable.
+collect_ignore = [] if os.environ.get("TUMORPERSONALIZATION_STOCK_SLICER") else ["stock_slicer"]
 
 
 def make_tissue(wm, gm=None, csf=None, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=None):

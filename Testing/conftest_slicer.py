@@ -17,6 +17,7 @@ if str(REPOSITORY) not in sys.path:
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML libraries, Python >= 3.11) not installed")
 
+from slicer_standins import install_application_standins  # noqa: E402
 from TumorPersonalizationLib.geometry import Geometry  # noqa: E402
 
 MODULE_FILE = REPOSITORY / "TumorPersonalization" / "TumorPersonalization.py"
@@ -85,49 +86,6 @@ def segmentation_from_masks(scene, masks, reference_node, name="tissue segmentat
 
 
 # ---- the module file under slicer-core ---------------------------------------------------------------------------
-def _scripted_module_standins():
-    """Small stand-ins for slicer.ScriptedLoadableModule, which only the application has (DESIGN.md): enough to
-    import the module file, build its Logic and run its Test."""
-    import types
-    import unittest
-
-    standins = types.ModuleType("slicer.ScriptedLoadableModule")
-
-    class ScriptedLoadableModule:
-        def __init__(self, parent):
-            self.parent = parent
-
-    class ScriptedLoadableModuleWidget:
-        def __init__(self, parent=None):
-            self.parent = parent
-
-        def resourcePath(self, filename):
-            return str(MODULE_FILE.parent / "Resources" / filename)
-
-    class ScriptedLoadableModuleLogic:
-        def __init__(self, parent=None):
-            self.moduleName = type(self).__name__[: -len("Logic")]
-
-        def getParameterNode(self):
-            scene = slicer.mrmlScene
-            node = scene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
-            if node is None:
-                node = slicer.vtkMRMLScriptedModuleNode()
-                node.SetSingletonTag(self.moduleName)
-                node.SetName(self.moduleName)
-                node = scene.AddNode(node)
-            return node
-
-    class ScriptedLoadableModuleTest(unittest.TestCase):
-        def delayDisplay(self, message, msec=None):
-            print(message)
-
-    for standin in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic,
-                    ScriptedLoadableModuleTest):
-        setattr(standins, standin.__name__, standin)
-    return standins
-
-
 def load_module_file():
     """Import TumorPersonalization/TumorPersonalization.py under slicer-core with the stand-ins installed
     (once per process; the module is then sys.modules["TumorPersonalization"])."""
@@ -138,7 +96,7 @@ def load_module_file():
     from TumorPersonalizationLib.mrml import create_headless_scene
 
     create_headless_scene()  # the module's Logic and Test use slicer.mrmlScene
-    sys.modules.setdefault("slicer.ScriptedLoadableModule", _scripted_module_standins())
+    install_application_standins()
     spec = importlib.util.spec_from_file_location("TumorPersonalization", MODULE_FILE)
     module = importlib.util.module_from_spec(spec)
     sys.modules["TumorPersonalization"] = module

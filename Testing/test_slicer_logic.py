@@ -256,11 +256,18 @@ def test_dependencies_are_never_installed_outside_the_application(module, monkey
     logic_class = module.TumorPersonalizationLogic
     installs = []
     monkeypatch.setattr(slicer.util, "pip_install", lambda *a, **k: installs.append(a))
-    monkeypatch.setattr(logic_class, "torchAvailable", staticmethod(lambda: False))
+    installed = {"torch": None}
+    real_version = module.slicer_deps.installed_version
+    monkeypatch.setattr(module.slicer_deps, "installed_version",
+                        lambda name: installed[name] if name in installed else real_version(name))
     with pytest.raises(RuntimeError, match="needs PyTorch"):
         logic_class().ensureDependencies()
+    # A torch older than the supported one is not used: the error points to the PyTorch Util module.
+    installed["torch"] = "1.13.1"
+    with pytest.raises(RuntimeError, match="PyTorch 1.13.1 is installed.*'PyTorch Util' module"):
+        logic_class().ensureDependencies()
     assert installs == []
-    monkeypatch.setattr(logic_class, "torchAvailable", staticmethod(lambda: True))
+    installed["torch"] = "2.13.0+cpu"
     monkeypatch.setattr(logic_class, "missingPythonPackages", staticmethod(lambda: []))
     assert logic_class().ensureDependencies() is True
 
@@ -472,3 +479,18 @@ def test_batch_script_on_the_bundled_atlas_under_plain_python(tmp_path):
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(_batch_module().OUTPUT_FILES)
     summary = json.loads((out_dir / "parameters.json").read_text())
     assert np.linalg.norm(np.subtract(summary["seed_ras_mm"], TRUE_SEED_RAS_MM)) < 15.0
+
+
+def test_self_test_without_dependencies_is_a_skip_in_reload_and_test_and_under_unittest(module, monkeypatch):
+    """"Reload and Test" calls runTest directly: a missing torch shows as a skip message there, not an error; under
+    unittest's runner the same test is reported as skipped."""
+    monkeypatch.setattr(module.slicer_deps, "installed_version", lambda name: None)
+    mrml.create_headless_scene()
+    messages = []
+    case = module.TumorPersonalizationTest("runTest")
+    monkeypatch.setattr(case, "delayDisplay", lambda message, msec=None: messages.append(message))
+    case.runTest()  # raises nothing
+    assert any(m.startswith("Test skipped: ") and "PyTorch (torch >=2.1) is not installed" in m for m in messages)
+    result = case.defaultTestResult()
+    module.TumorPersonalizationTest("runTest").run(result)
+    assert result.wasSuccessful() and len(result.skipped) == 1, result.errors

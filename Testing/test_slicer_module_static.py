@@ -187,9 +187,9 @@ def test_extension_cmake_json_readme_and_license():
     category = re.search(r'set\(\s*EXTENSION_CATEGORY\s+"([^"]+)"', text).group(1)
 
     description = json.loads((REPOSITORY / "TumorPersonalization.json").read_text())
-    assert description["category"] == category == "Tumor Modelling"
+    assert description["category"] == category == "Simulation"
     assert description["build_dependencies"] == ["PyTorch"]
-    assert description["scm_url"] == "TumorPersonalization"
+    assert description["scm_url"].startswith("https://") and "Slicer" in description["scm_url"].rsplit("/", 1)[1]
     assert (REPOSITORY / "README.md").is_file()
     license_text = (REPOSITORY / "LICENSE").read_text()
     assert "BSD 3-Clause" in license_text and "2026, TumorPersonalization contributors" in license_text
@@ -270,7 +270,7 @@ def test_module_imports_under_slicer_core_and_describes_itself(module):
     parent = SimpleNamespace()
     module.TumorPersonalization(parent)
     assert parent.title == "Tumor Personalization"
-    assert parent.categories == ["Tumor Modelling"]
+    assert parent.categories == ["Simulation"]
     assert parent.contributors
     help_text = " ".join(parent.helpText.split()).lower()
     for words in ("research use only", "not for clinical decisions", "patient ras millimetres",

@@ -9,17 +9,18 @@ Console:
     logic = slicer.util.getModuleLogic("TumorPersonalization")
     result, nodes = logic.personalize(tissueNode, tumorNode, method=None)
 
+This file holds the Slicer wiring only; what can be tested without the application lives in the library (process
+trees in TumorPersonalizationLib.processes, dependency checks in TumorPersonalizationLib.slicer_deps).
 This file must parse and run on Python 3.9 (Slicer 5.6 and 5.8): typing.Optional, no "X | Y", no match.
 """
-import importlib.util
 import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
+import unittest
 from pathlib import Path
 from typing import Annotated, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -37,29 +38,10 @@ from slicer import (
     vtkMRMLScalarVolumeNode,
     vtkMRMLSegmentationNode,
 )
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.util import VTKObservationMixin
-
-try:
-    from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
-except ImportError:  # slicer-core (the tests) has no parameterNodeWrapper: same fields, values held in memory
-    def parameterNodeWrapper(cls):
-        fields = list(getattr(cls, "__annotations__", {}))
-
-        def __init__(self, parameterNode=None):
-            self.parameterNode = parameterNode
-            for name in fields:
-                setattr(self, name, getattr(cls, name, None))
-
-        cls.__init__ = __init__
-        return cls
-
-    class Choice:
-        def __init__(self, choices):
-            self.choices = tuple(choices)
-
-    class WithinRange:
-        def __init__(self, minimum, maximum):
-            self.minimum, self.maximum = minimum, maximum
 
 
 def _makeLibraryImportable() -> None:
@@ -75,9 +57,10 @@ def _makeLibraryImportable() -> None:
 
 _makeLibraryImportable()
 
-from TumorPersonalizationLib import mrml  # noqa: E402  (after the path set-up above)
+from TumorPersonalizationLib import mrml, processes, slicer_deps  # noqa: E402  (after the path set-up above)
 from TumorPersonalizationLib.constants import DEFAULT_METHOD, METHODS as LIBRARY_METHODS  # noqa: E402
 from TumorPersonalizationLib.errors import InputError  # noqa: E402
+from TumorPersonalizationLib.report import REPORT_SKIPPED  # noqa: E402
 
 # Methods of TumorPersonalizationLib.inversion; the panel shows the library's default first, the others under Advanced.
 METHODS = (DEFAULT_METHOD,) + tuple(m for m in LIBRARY_METHODS if m != DEFAULT_METHOD)
@@ -89,11 +72,12 @@ DEFAULT_TUMOR_LABELS = (1, 2, 3)
 DEFAULT_TISSUE_LABELS = {"csf": 1, "gm": 2, "wm": 3}
 
 # torch comes from Slicer's PyTorch extension; the rest through pip. Never numpy or SimpleITK: Slicer ships its own,
-# and the install below pins them to the versions already there.
-TORCH_REQUIREMENT = ">=2.1"
-PIP_REQUIREMENTS = {"scipy": "scipy>=1.7", "cma": "cma>=3.2", "tqdm": "tqdm>=4.60",
-                    "threadpoolctl": "threadpoolctl>=3.1"}
-SLICER_OWNED_PACKAGES = ("numpy", "SimpleITK")
+# and the install pins them to the versions already there. matplotlib is optional (report.png is skipped without it).
+TORCH_REQUIREMENT = slicer_deps.TORCH_REQUIREMENT
+PIP_REQUIREMENTS = slicer_deps.PIP_REQUIREMENTS
+SLICER_OWNED_PACKAGES = slicer_deps.SLICER_OWNED_PACKAGES
+# The Modules menu category, as in the Extensions Index entry (TumorPersonalization.json).
+MODULE_CATEGORY = "Simulation"
 
 # Output nodes are remembered on the tumor node under these reference roles, so a re-run replaces them.
 OUTPUT_ROLES = {
@@ -140,14 +124,14 @@ class TumorPersonalization(ScriptedLoadableModule):
 
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "Tumor Personalization"
-        self.parent.categories = ["Tumor Modelling"]
+        self.parent.title = _("Tumor Personalization")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", MODULE_CATEGORY)]
         # PyTorch is a run-time dependency (PyTorchUtils of the PyTorch extension, checked when a run starts), not a
         # module dependency: the panel must open, and the generic tests pass, before torch is installed.
         self.parent.dependencies = []
         self.parent.contributors = ["TumorPersonalization contributors"]
-        self.parent.helpText = HELP_TEXT
-        self.parent.acknowledgementText = ACKNOWLEDGEMENT_TEXT
+        self.parent.helpText = _(HELP_TEXT)
+        self.parent.acknowledgementText = _(ACKNOWLEDGEMENT_TEXT)
 
 
 # ---- parameter node -------------------------------------------------------------------------------------------------
@@ -222,6 +206,8 @@ class TumorPersonalizationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self._showResults(None)
 
     def cleanup(self) -> None:
+        """Called when the module is unloaded or Slicer closes: a run in progress is ended with its whole process
+        tree (processes.end_all does the same for any run left when the interpreter exits)."""
         self.removeObservers()
         if self._backgroundRun is not None:
             self._backgroundRun.cancel()
@@ -273,12 +259,12 @@ class TumorPersonalizationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.ui.tumorLabelsFrame.visible = parameters.tumorInput != TUMOR_INPUTS[0]
         missing = self.logic.missingInputs(parameters)
         self.ui.personalizeButton.enabled = not missing and self._backgroundRun is None
-        self.ui.personalizeButton.toolTip = ("Select: " + ", ".join(missing)) if missing else \
-            "Find the growth parameters and the infiltration map (runs in the background)"
+        self.ui.personalizeButton.toolTip = (_("Select: ") + ", ".join(missing)) if missing else \
+            _("Find the growth parameters and the infiltration map (runs in the background)")
 
     # ---- running ----------------------------------------------------------------------------------------------
     def onPersonalizeButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Tumor personalization could not start."):
+        with slicer.util.tryWithErrorDisplay(_("Tumor personalization could not start.")):
             if not self.logic.ensureDependencies():
                 return
             inputs = self.logic.inputsFromParameterNode(self._parameterNode)
@@ -302,13 +288,13 @@ class TumorPersonalizationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self._backgroundRun = None
         self._showRunning(False)
         try:
-            with slicer.util.tryWithErrorDisplay("Tumor personalization failed."):
+            with slicer.util.tryWithErrorDisplay(_("Tumor personalization failed.")):
                 if run.returncode != 0:
-                    self.ui.statusLabel.text = "Failed; the scene was not changed."
+                    self.ui.statusLabel.text = _("Failed; the scene was not changed.")
                     raise RuntimeError(run.errorMessage())
                 summary, _ = self.logic.loadOutputs(run.outputDirectory, run.anchorNode, run.backgroundNode)
                 self._showResults(summary)
-                self.ui.statusLabel.text = f"Done in {summary.get('runtime_s', 0):.1f} s"
+                self.ui.statusLabel.text = _("Done in {seconds:.1f} s").format(seconds=summary.get("runtime_s", 0))
         finally:
             run.cleanup()
 
@@ -322,14 +308,14 @@ class TumorPersonalizationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         run.cancel()
         self._showRunning(False)
         self.ui.progressBar.value = 0
-        self.ui.statusLabel.text = "Cancelled; the scene was not changed."
+        self.ui.statusLabel.text = _("Cancelled; the scene was not changed.")
 
     def _showRunning(self, running: bool) -> None:
         self.ui.cancelButton.enabled = running
         self.ui.progressBar.visible = running
         if running:
             self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = "Starting..."
+            self.ui.statusLabel.text = _("Starting...")
         self.ui.inputsCollapsibleButton.enabled = not running
         self.ui.advancedCollapsibleButton.enabled = not running
         self._onParameterNodeModified()
@@ -350,7 +336,10 @@ class TumorPersonalizationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
 class BackgroundRun:
     """A personalisation running as `python -m TumorPersonalizationLib.cli personalize ... --progress json` in a
     temporary folder. Its stderr (a file, so the process never blocks on a full pipe) carries one JSON object per
-    progress update, {"fraction": f, "message": m}; other lines are kept for the error message."""
+    progress update, {"fraction": f, "message": m}; other lines are kept for the error message.
+
+    The process is the root of a process tree (TumorPersonalizationLib.processes.start_tree): inside Slicer it is
+    the PythonSlicer launcher, and the work runs in the python-real child it starts. cancel() ends the whole tree."""
 
     def __init__(self, process, workDirectory: Path, outputDirectory: Path, anchorNode=None, backgroundNode=None):
         self.process = process
@@ -372,6 +361,8 @@ class BackgroundRun:
         """Read the progress written so far; True once the process has ended (all its lines read)."""
         ended = self.process.poll() is not None
         self._readNewLines(includePartialLine=ended)
+        if ended:
+            processes.forget(self.process)
         return ended
 
     def _readNewLines(self, includePartialLine: bool) -> None:
@@ -417,14 +408,10 @@ class BackgroundRun:
         return self.returncode
 
     def cancel(self) -> None:
-        """End the process and delete its folder; the scene was never touched by a run in progress."""
-        if self.process.poll() is None:
-            self.process.kill()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:  # pragma: no cover - kill is not refused
-                logging.warning("TumorPersonalization: background process did not end after kill")
-        self.message = "Cancelled"
+        """End the process with every process it started (the launcher's python-real child included) and delete
+        its folder; the scene was never touched by a run in progress."""
+        processes.end_tree(self.process)
+        self.message = _("Cancelled")
         self.cleanup()
 
     def cleanup(self) -> None:
@@ -444,46 +431,50 @@ class TumorPersonalizationLogic(ScriptedLoadableModuleLogic):
     # ---- dependencies -------------------------------------------------------------------------------------------
     @staticmethod
     def missingPythonPackages() -> List[str]:
-        """pip requirements of the library that are not importable (torch is handled apart)."""
-        return [requirement for module, requirement in PIP_REQUIREMENTS.items()
-                if importlib.util.find_spec(module) is None]
+        """pip requirements of the library that are not importable (torch is handled apart); nothing is imported."""
+        return slicer_deps.missing_pip_requirements()
+
+    @staticmethod
+    def torchProblem() -> Optional[str]:
+        """None when torch is installed in a supported version, else what is wrong. Read from the installed
+        package's metadata: torch is not imported into Slicer's process by the check."""
+        return slicer_deps.torch_problem()
 
     @staticmethod
     def torchAvailable() -> bool:
-        """Whether torch is installed: PyTorchUtils' torchInstalled() with the PyTorch extension, else a look for
-        the package. Never PyTorchUtils' `torch` property, which would install it."""
-        try:
-            import PyTorchUtils  # noqa: F401  (Slicer's PyTorch extension)
-
-            return bool(PyTorchUtils.PyTorchUtilsLogic.torchInstalled())
-        except ImportError:
-            return importlib.util.find_spec("torch") is not None
+        """Whether torch is installed in a supported version (see torchProblem)."""
+        return slicer_deps.torch_problem() is None
 
     def ensureDependencies(self) -> bool:
         """Make torch (through the PyTorch extension) and the pip packages available, after asking once.
         Returns False when the user declines. Never installs in testing mode (where Slicer's confirmation
-        dialogs answer OK by themselves): raises instead."""
-        torchMissing = not self.torchAvailable()
+        dialogs answer OK by themselves): raises instead. A torch older than the supported one is not replaced
+        here (Slicer has to restart after that): the error says how to do it in the PyTorch Util module."""
+        torchProblem = self.torchProblem()
+        torchMissing = torchProblem is not None and slicer_deps.installed_version("torch") is None
+        if torchProblem is not None and not torchMissing:
+            raise RuntimeError(_("Tumor Personalization cannot use this PyTorch: ") + torchProblem + ".")
         missingPackages = self.missingPythonPackages()
         if not torchMissing and not missingPackages:
             return True
         needed = (["PyTorch (torch " + TORCH_REQUIREMENT + ", from the PyTorch extension)"] if torchMissing else []) \
             + missingPackages
         if hasattr(slicer, "app") and slicer.app.testingEnabled():
-            raise RuntimeError("Tumor Personalization needs " + ", ".join(needed) + "; they are not installed "
-                               "automatically while testing.")
+            raise RuntimeError(_("Tumor Personalization needs {packages}; they are not installed automatically "
+                                 "while testing.").format(packages=", ".join(needed)))
         if not hasattr(slicer, "app"):
-            raise RuntimeError("Tumor Personalization needs " + ", ".join(needed) + ": install them with pip.")
+            raise RuntimeError(_("Tumor Personalization needs {packages}: install them with pip.").format(
+                packages=", ".join(needed)))
         if torchMissing:
             try:
                 import PyTorchUtils  # noqa: F401
             except ImportError:
-                raise RuntimeError("Tumor Personalization needs the PyTorch extension: install 'PyTorch' from the "
-                                   "Extensions Manager and restart Slicer.") from None
+                raise RuntimeError(_("Tumor Personalization needs the PyTorch extension: install 'PyTorch' from the "
+                                     "Extensions Manager and restart Slicer.")) from None
         if not slicer.util.confirmOkCancelDisplay(
-                "Tumor Personalization needs these Python packages, which are not installed yet:\n\n  "
-                + "\n  ".join(needed) + "\n\nInstall them now? This can take several minutes.",
-                "Tumor Personalization: install dependencies"):
+                _("Tumor Personalization needs these Python packages, which are not installed yet:") + "\n\n  "
+                + "\n  ".join(needed) + "\n\n" + _("Install them now? This can take several minutes."),
+                _("Tumor Personalization: install dependencies")):
             return False
         if torchMissing:
             import PyTorchUtils
@@ -491,7 +482,7 @@ class TumorPersonalizationLogic(ScriptedLoadableModuleLogic):
             torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
                                                                   torchVersionRequirement=TORCH_REQUIREMENT)
             if torch is None:
-                raise RuntimeError("PyTorch was not installed")
+                raise RuntimeError(_("PyTorch was not installed"))
         if missingPackages:
             self._pipInstallKeepingSlicerPackages(missingPackages)
         return True
@@ -499,17 +490,9 @@ class TumorPersonalizationLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def _pipInstallKeepingSlicerPackages(requirements: Sequence[str]) -> None:
         """pip install with numpy and SimpleITK pinned to the versions Slicer ships (a constraints file)."""
-        from importlib import metadata
-
-        pins = []
-        for package in SLICER_OWNED_PACKAGES:
-            try:
-                pins.append(f"{package}=={metadata.version(package)}")
-            except metadata.PackageNotFoundError:  # not installed as a distribution: pip will not replace it either
-                pass
         with tempfile.TemporaryDirectory() as folder:
             constraints = Path(folder) / "slicer-constraints.txt"
-            constraints.write_text("\n".join(pins) + "\n")
+            constraints.write_text("\n".join(slicer_deps.slicer_constraints()) + "\n")
             slicer.util.pip_install(list(requirements) + ["-c", str(constraints)])
 
     # ---- inputs -------------------------------------------------------------------------------------------------
@@ -681,8 +664,9 @@ class TumorPersonalizationLogic(ScriptedLoadableModuleLogic):
                                               outputDirectory, recurrencePath=recurrencePath)
             with open(workDirectory / "progress.log", "wb") as progressFile, \
                     open(workDirectory / "stdout.log", "wb") as outputFile:
-                process = subprocess.Popen(command, stdout=outputFile, stderr=progressFile, cwd=str(workDirectory),
-                                           env=self._subprocessEnvironment(), **self._hiddenWindowOptions())
+                # A process tree of its own, so that Cancel also ends the interpreter the launcher starts.
+                process = processes.start_tree(command, stdout=outputFile, stderr=progressFile,
+                                               cwd=str(workDirectory), env=self._subprocessEnvironment())
         except BaseException:
             shutil.rmtree(workDirectory, ignore_errors=True)
             raise
@@ -725,12 +709,6 @@ class TumorPersonalizationLogic(ScriptedLoadableModuleLogic):
         environment["PYTHONPATH"] = os.pathsep.join(p for p in (libraryParent, environment.get("PYTHONPATH")) if p)
         environment["PYTHONUNBUFFERED"] = "1"
         return environment
-
-    @staticmethod
-    def _hiddenWindowOptions() -> Dict[str, Any]:
-        if os.name == "nt":  # no console window popping up on Windows
-            return {"creationflags": subprocess.CREATE_NO_WINDOW}
-        return {}
 
     @staticmethod
     def writeTissueFractions(tissue, path) -> None:
@@ -837,15 +815,25 @@ class TumorPersonalizationTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self) -> None:
+        """"Reload and Test" calls this directly, outside unittest's runner, where a skip would surface as an error:
+        there a missing dependency is shown as a skip message instead. Under unittest's runner (ctest, the test
+        suite) the skip is reported as a skip."""
         self.setUp()
-        self.test_PersonalizeSyntheticTumorOnAtlas()
+        try:
+            self.test_PersonalizeSyntheticTumorOnAtlas()
+        except unittest.SkipTest as reason:
+            if getattr(self, "_outcome", None) is not None:  # inside TestCase.run: the runner records the skip
+                raise
+            self.delayDisplay(_("Test skipped: {reason}").format(reason=reason))
 
     def test_PersonalizeSyntheticTumorOnAtlas(self) -> None:
         import numpy as np
 
         logic = TumorPersonalizationLogic()
-        if not logic.torchAvailable() or logic.missingPythonPackages():
-            self.skipTest("PyTorch or the pip dependencies are not installed (they are never installed by a test)")
+        missing = ([logic.torchProblem()] if logic.torchProblem() else []) + logic.missingPythonPackages()
+        if missing:
+            self.skipTest("the module's dependencies are not installed (a test never installs them): "
+                          + ", ".join(missing))
         from TumorPersonalizationLib import GrowthParameters, load_atlas, simulate
         from TumorPersonalizationLib.geometry import Volume
 
@@ -874,4 +862,17 @@ class TumorPersonalizationTest(ScriptedLoadableModuleTest):
                                                               PLAN_SEGMENT_NAMES["model"]])
         table = mrml.dict_from_table_node(nodes["table"])
         self.assertAlmostEqual(float(table["mu_d_mm"]), result.parameters.mu_d_mm, places=3)
+
+        # The panel's path: the command line in the background interpreter (PythonSlicer in the application), whose
+        # environment is Slicer's (no matplotlib), its outputs written and loaded back. The fast method keeps the
+        # test short; writing and loading the outputs does not depend on it.
+        self.delayDisplay("Personalising in the background, as the panel does")
+        run = logic.startBackgroundRun(probabilityNodes, tumorNode, method="direct", device="cpu")
+        try:
+            self.assertEqual(run.wait(timeout=900), 0, run.errorMessage())
+            summary, backgroundNodes = logic.loadOutputs(run.outputDirectory, tumorNode)
+        finally:
+            run.cleanup()
+        self.assertIn(summary.get("report_png"), ("written", REPORT_SKIPPED), "report.png written or skipped")
+        self.assertIs(backgroundNodes["infiltration"], nodes["infiltration"], "the re-run replaced the outputs")
         self.delayDisplay("Test passed")

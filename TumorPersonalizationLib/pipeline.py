@@ -338,7 +338,9 @@ def _provenance(method, options, device, work, problem, candidate) -> Dict:
 # ---- outputs, as one set --------------------------------------------------------------------------------------------
 def write_outputs(result: PersonalizationResult, out_dir, picture: bool = True, extra: Optional[Dict] = None) -> Path:
     """Write parameters.json, infiltration.nii.gz, tissue.nii.gz (the WM, GM, CSF fractions the model ran on),
-    plan_standard.nii.gz, plan_model.nii.gz (plan_iso.nii.gz when made) and report.png into out_dir as one set: everything goes to a temporary folder beside it, which then
+    plan_standard.nii.gz, plan_model.nii.gz (plan_iso.nii.gz when made) and report.png (skipped, and
+    parameters.json says so, where matplotlib is absent) into out_dir as one set: everything goes to a temporary
+    folder beside it, which then
     replaces out_dir, so a failure leaves either the previous complete set or nothing.
 
     out_dir may not exist, be empty, or hold a previous result (its files are replaced); other content is refused.
@@ -362,11 +364,14 @@ def write_outputs(result: PersonalizationResult, out_dir, picture: bool = True, 
         data = result.to_dict()
         if extra:
             data.update(extra)
-        (temporary / "parameters.json").write_text(json.dumps(_jsonable(data), indent=2) + "\n")
-        if picture:
-            from .report import save_result_figure
+        if picture:  # before parameters.json, which records whether the picture was drawn
+            from .report import save_result_figure_if_possible
 
-            save_result_figure(temporary / "report.png", result)
+            skipped = save_result_figure_if_possible(temporary / "report.png", result)
+            data["report_png"] = skipped or "written"
+            if skipped:
+                data["warnings"] = list(data.get("warnings") or []) + [skipped]
+        (temporary / "parameters.json").write_text(json.dumps(_jsonable(data), indent=2) + "\n")
         os.chmod(temporary, 0o777 & ~_umask())
         if out_dir.exists():
             previous = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")

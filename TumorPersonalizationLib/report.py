@@ -101,6 +101,22 @@ def save_concentration_figure(path, tissue: Tissue, concentration: Volume, title
     return _write_png(figure, path, dpi=110)
 
 
+# Recorded in parameters.json ("report_png") and among its warnings when the picture is not drawn.
+REPORT_SKIPPED = "report.png skipped: matplotlib is not installed (the other outputs are complete)"
+
+
+def save_result_figure_if_possible(path, result) -> Optional[str]:
+    """Draw save_result_figure(path, result) where matplotlib is installed. Returns None when the picture was
+    written, else the sentence saying why it was skipped (REPORT_SKIPPED). A stock 3D Slicer ships no matplotlib
+    and the module does not install it, so the picture is optional; any other failure while drawing raises."""
+    from .slicer_deps import module_available
+
+    if not module_available("matplotlib"):
+        return REPORT_SKIPPED
+    save_result_figure(path, result)
+    return None
+
+
 def save_result_figure(path, result) -> Path:
     """The personalisation at a glance: three orthogonal slices through the observed tumor with the inferred
     infiltration (colour, iso-lines at the imaging thresholds), the observed tumor (white dashed), the standard

@@ -15,7 +15,8 @@ written with Slicer's writers. The output folder gets, as one set (nothing on fa
     target_plans.seg.nrrd    standard (core + 15 mm) and model (equal volume) plans, one segment each
     seed.mrk.json            the seed point (RAS mm)
     results.tsv              the results table
-    report.png               slices, iso-lines, plans and loss curve (unless --no-report)
+    report.png               slices, iso-lines, plans and loss curve (unless --no-report; skipped without
+                             matplotlib, which parameters.json records)
 Exit code 0 on success, 2 with a one-line error on bad input.
 """
 import argparse
@@ -227,21 +228,24 @@ def check_output_dir(out_dir: Path) -> None:
 
 
 def save_outputs(nodes, summary, out_dir: Path, result=None) -> Path:
-    """Write the output nodes (and report.png from `result` when given) into out_dir as one set: into a temporary
-    folder beside it that then replaces it."""
+    """Write the output nodes (and report.png from `result` when given and matplotlib is installed; summary's
+    "report_png" says which) into out_dir as one set: into a temporary folder beside it that then replaces it."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=str(out_dir.parent)))
     try:
+        if result is not None:  # before parameters.json, which records whether the picture was drawn
+            from TumorPersonalizationLib.report import save_result_figure_if_possible
+
+            skipped = save_result_figure_if_possible(temporary / "report.png", result)
+            summary["report_png"] = skipped or "written"
+            if skipped:
+                summary["warnings"] = list(summary.get("warnings") or []) + [skipped]
         (temporary / "parameters.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
         write_node(nodes["infiltration"], temporary / "infiltration.nrrd")
         write_node(nodes["plans"], temporary / "target_plans.seg.nrrd")
         write_node(nodes["seed"], temporary / "seed.mrk.json")
         write_node(nodes["table"], temporary / "results.tsv")
-        if result is not None:
-            from TumorPersonalizationLib.report import save_result_figure
-
-            save_result_figure(temporary / "report.png", result)
         os.chmod(temporary, 0o755)
         if out_dir.exists():
             shutil.rmtree(out_dir)
