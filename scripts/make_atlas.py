@@ -4,9 +4,13 @@
 WM and GM are the template's probability maps. CSF = brain mask - GM - WM, where the brain mask keeps the
 ventricles: GM+WM thresholded, closed and hole-filled, united with the (skull-stripped) T1 above a threshold.
 The maps are cropped to the brain with a margin and stored as uint8 fractions (value / 255) at 1 mm and 2 mm
-(2 mm = exact 2x2x2 block average of 1 mm).
+(2 mm = exact 2x2x2 block average of 1 mm, by the reference arithmetic geometry.resample_fraction keeps for committed
+data: the files regenerate byte for byte).
 
-nilearn is needed only here:  pip install nilearn  &&  python scripts/make_atlas.py
+The template's skull-stripped T1 (the same source, already scaled 0..1 in nilearn) is cropped to the same box and
+stored the same way (uint8, value / 255) beside them: what registration.tissue_from_t1 registers to a patient's T1.
+
+nilearn is needed only here:  pip install nilearn  &&  python scripts/make_atlas.py [--only t1]
 """
 import argparse
 import sys
@@ -18,8 +22,8 @@ import SimpleITK as sitk
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from TumorPersonalizationLib.atlas import ATLAS_DIR, atlas_paths  # noqa: E402
-from TumorPersonalizationLib.geometry import Geometry, Volume  # noqa: E402
+from TumorPersonalizationLib.atlas import ATLAS_DIR, atlas_paths, atlas_t1_path  # noqa: E402
+from TumorPersonalizationLib.geometry import Geometry, Volume, resample_fraction  # noqa: E402
 from TumorPersonalizationLib.tissue import Tissue  # noqa: E402
 
 
@@ -38,6 +42,8 @@ def main():
     parser.add_argument("--t1-threshold", type=float, default=0.1, help="T1 level (template scale 0..1) inside brain")
     parser.add_argument("--closing-radius", type=int, default=3, help="closing radius in voxels (1 mm)")
     parser.add_argument("--margin-mm", type=int, default=4)
+    parser.add_argument("--only", choices=("tissue", "t1"), default=None,
+                        help="write only the tissue maps (wm, gm, csf) or only the T1 template (default: both)")
     args = parser.parse_args()
 
     from nilearn import datasets
@@ -67,16 +73,21 @@ def main():
     hi = np.minimum(lo + (hi - lo + 1) // 2 * 2, geometry.shape_kji)  # even sizes: 2 mm is an exact average
     box = [(int(a), int(b)) for a, b in zip(lo, hi)]
     crop = tuple(slice(a, b) for a, b in box)
-    tissue = Tissue(tissue.wm[crop], tissue.gm[crop], tissue.csf[crop], geometry.sub_box(box))
+    maps = {"wm": tissue.wm[crop], "gm": tissue.gm[crop], "csf": tissue.csf[crop], "t1": np.clip(t1[crop], 0, 1)}
+    cropped = geometry.sub_box(box)
+    coarse = cropped.with_spacing(2.0)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    names = {"tissue": ("wm", "gm", "csf"), "t1": ("t1",), None: ("wm", "gm", "csf", "t1")}[args.only]
     for spacing in (1, 2):
-        level = tissue if spacing == 1 else tissue.resample(2.0)
-        for name, array in zip(("wm", "gm", "csf"), (level.wm, level.gm, level.csf)):
+        level = cropped if spacing == 1 else coarse
+        for name in names:
+            # reference_mean: the block average the committed 2 mm maps were made with (byte-identical files).
+            array = maps[name] if spacing == 1 else resample_fraction(maps[name], cropped, coarse, reference_mean=True)
             quantised = np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)
-            path = atlas_paths(spacing, args.out_dir)[name]
-            Volume(quantised, level.geometry).save(path)
-            print(f"wrote {path} ({level.geometry.describe()}, {path.stat().st_size / 1e6:.2f} MB)")
+            path = atlas_t1_path(spacing, args.out_dir) if name == "t1" else atlas_paths(spacing, args.out_dir)[name]
+            Volume(quantised, level).save(path)
+            print(f"wrote {path} ({level.describe()}, {path.stat().st_size / 1e6:.2f} MB)")
 
 
 if __name__ == "__main__":
