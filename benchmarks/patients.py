@@ -265,7 +265,7 @@ def write_markdown(summary, path: Path, title_note: str = ""):
     lines = [f"# Personalisation on patients' inputs{title_note}", "",
              f"Patients: {summary['brains']['shifted']} on shifted brains, {summary['brains']['nipype']} on nipype's "
              "template brain; tumors given as BraTS segmentations (core >= 0.675, oedema >= 0.25 of the hidden "
-             "truth); default method; CPU, 2 cores. NCC against the truth inside the healthy brain (WM+GM >= 0.1); "
+             f"truth); default method; 2-core CPU, torch threads {summary['threads']}. NCC against the truth inside the healthy brain (WM+GM >= 0.1); "
              "coverage: share of the later growth (the same tumor at 1.5x its age) inside each plan at the 15 mm "
              "plan's volume, all plans on the healthy brain; leads are paired differences, mean ± standard error.",
              "", f"Reference: `{summary['reference']}`. Targets: mean NCC within {NCC_TOLERANCE} of the reference "
@@ -323,7 +323,10 @@ def plot(rows, summary, path: Path):
                           color="grey", fontsize=9)
             continue
         ncc = np.array([r["metrics"]["ncc"] for r in mine])
-        axes[0].boxplot(ncc, positions=[position], vert=False, widths=0.5, showfliers=False)
+        try:  # matplotlib >= 3.10 names the orientation; older ones take vert
+            axes[0].boxplot(ncc, positions=[position], orientation="horizontal", widths=0.5, showfliers=False)
+        except TypeError:
+            axes[0].boxplot(ncc, positions=[position], vert=False, widths=0.5, showfliers=False)
         axes[0].scatter(ncc, position + rng.uniform(-0.18, 0.18, len(ncc)), s=14, alpha=0.7,
                         c=["tab:blue" if r["brain"] == "shifted" else "tab:orange" for r in mine])
         for offset, (other, color) in enumerate((("standard", "tab:green"), ("blur", "tab:purple"))):
@@ -358,6 +361,7 @@ def report(rows_path: Path, out_prefix: Path, inputs, arms, title_note=""):
 
     rows = read_rows(rows_path)
     summary = summarise_rows(rows, inputs, arms)
+    summary["threads"] = sorted({r["threads"] for r in latest(rows) if "threads" in r})
     inside = ROOT in rows_path.parents
     summary.update({"rows_file": str(rows_path.relative_to(ROOT) if inside else rows_path),
                     "torch": torch.__version__, "machine": "2-core CPU (development machine)",
