@@ -1,4 +1,4 @@
-"""Anatomical variety for training data (offline code, issue 9): random smooth deformations of a brain and
+"""Anatomical variety for training data (offline code): random smooth deformations of a brain and
 segmentation-like noise at tissue borders.
 
 A deformation maps a point x of the new (deformed) brain to the atlas point it comes from,
@@ -26,7 +26,7 @@ from .tissue import Tissue
 
 @dataclass(frozen=True)
 class DeformationPrior:
-    """How large the random deformations are (defaults: the variety issue 9 asks for in training)."""
+    """How large the random deformations are (defaults: the variety the anatomy recipe trains on)."""
 
     scale_range: float = 0.10  # each axis scaled by a factor in [1 - s, 1 + s]
     max_rotation_deg: float = 15.0  # about a uniformly random axis

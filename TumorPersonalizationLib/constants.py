@@ -1,4 +1,4 @@
-"""Constants of the growth model and of the imaging model, defined once (DESIGN.md).
+"""Constants of the growth model and of the imaging model, defined once (docs/model.md).
 
 Everything that decides what the model *is* lives here: the initial condition, which voxels can hold tumor cells,
 how much slower grey matter diffuses, and the concentrations at which a tumor becomes visible on MRI. Other modules

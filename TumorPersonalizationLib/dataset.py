@@ -1,6 +1,6 @@
 """Training data for the neural surrogate and the inverse network: FD simulations on the atlas, cropped and coarsened.
 
-Prior (the recipe of the published synthetic dataset, mapped onto the folded parameters of DESIGN.md):
+Prior (the recipe of the published synthetic dataset, mapped onto the folded parameters of docs/model.md):
     D_WM ~ U[0.001, 10] mm^2/day,  rho ~ U[0.001, 1] /day,  visible-volume target V ~ U[1, 250] cm^3,
     the tumor grows until its visible volume (c >= 0.25) reaches V, or until T = 100 days,
     mu_D = sqrt(D_WM T), mu_rho = sqrt(rho T) at that T   (so mu_D <= 31.6 mm, mu_rho <= 10),
@@ -18,7 +18,7 @@ the simulation grid), area-averaged to the surrogate grid, with the same crop of
 as an offset in mm from the crop centre). Sample i depends only on (dataset seed, i), so shards can be computed in
 any order, on any worker, and a stopped run resumes where it stopped.
 
-Anatomical variety (format 3, issue 9; augment.AnatomyPrior, off in the first datasets): each sample's brain may be
+Anatomical variety (format 3; augment.AnatomyPrior, off in the atlas recipe): each sample's brain may be
 a random smooth deformation of its atlas variant (scaling, rotation, smooth displacement), carry segmentation-like
 noise at tissue borders, or be re-acquired on an oblique thick-slice grid; its crop centre may be the visible
 tumor's centre of mass and be shifted at random. What each sample drew is stored with it (augment.AnatomyDraw), and
@@ -108,7 +108,7 @@ RECIPES: Dict[str, Dict] = {
     # The first datasets: the atlas, its mirror image and hard-label versions only; crops on the concentration's
     # centre of mass; the solver's default steps.
     "atlas": {"anatomy": AnatomyPrior()},
-    # Training for patients' brains (issue 9): 4 in 5 samples deformed (scales 1 +/- 0-10 %, rotations 0-15 deg,
+    # Training for patients' brains: 4 in 5 samples deformed (scales 1 +/- 0-10 %, rotations 0-15 deg,
     # 3 mm smooth displacement), border noise on half the soft ones, crops on the visible tumor shifted by up to
     # 8 mm per axis; longer steps (see front_step_voxels).
     "anatomy": {"anatomy": AnatomyPrior(deformation_probability=0.8, border_noise_probability=0.5,

@@ -70,22 +70,22 @@ class InversionOptions:
     # not two). Why: the working grid's own discretisation error (larger for small tumors, and for segmentations,
     # whose labels the coarse grid blurs) can order two close candidates otherwise than the tissue grid, where the
     # answer is delivered (benchmarks/inversion.md: 6 of 16 segmentation close calls changed their pick). 0 turns it
-    # off (benchmark revision 2 and before).
+    # off.
     tissue_judge_ratio: float = 1.5
     # ... as long as the whole search stays within this many runs of the working grid's winner on the tissue's
     # grid: the networks (tissue_judge_fixed_s), the working grid's judge runs and the tissue-grid runs, each run's
     # cost predicted from its plan (solver.plan_run(...).work(), the voxel-stencils it will compute), not measured,
     # so the same input gets the same answer on any machine and under any load; otherwise the working grid's winner
-    # stays. A runner-up with a larger mu_D than the winner can cost several of its runs (benchmarks/inversion.md,
-    # revision 3: two atlas cases over 4 runs of the true parameters while the cap timed the first run instead).
+    # stays. A runner-up with a larger mu_D than the winner can cost several of its runs, so pricing it by the
+    # winner's first run alone lets the search exceed the cap (benchmarks/README.md, the inversion benchmark).
     tissue_judge_max_runs: float = 3.5
     # The networks' and the pipeline's fixed cost before the judge, in seconds of the benchmark's 2-core CPU (where
-    # solver.SECONDS_PER_VOXEL_STENCIL was fitted): on the 1 mm atlas, revision-3 hybrid runs without a close call
-    # took a median 0.8 s more than one forward run of the true parameters, working-grid runs included
+    # solver.SECONDS_PER_VOXEL_STENCIL was fitted): on the 1 mm atlas, hybrid runs without a close call take a
+    # median 0.8 s more than one forward run of the true parameters, working-grid runs included
     # (benchmarks/inversion_runs.jsonl).
     tissue_judge_fixed_s: float = 0.75
     # The inverse net's answer averaged with its answer to the left-right mirrored input (one more pass of a few
-    # ms; inverse.predict_mirror_averaged). False: one pass, as the methods ran before (benchmark revision 1).
+    # ms; inverse.predict_mirror_averaged). False: one pass.
     inverse_mirror_average: bool = True
     # FD runs on the working grid (judge, polish, cma-solver) take longer time steps than the solver's defaults (0.5
     # voxel, 0.4): the front may move 1 voxel per step and the reaction step is 0.5 / mu_rho^3. That stays within

@@ -177,7 +177,7 @@ class GriddedObservation:
 
     def pseudo_concentration(self) -> np.ndarray:
         """What the inverse network is shown: the concentration itself, or for a segmentation the labels as a
-        concentration-like map (core 0.9, edema 0.45) blurred by a Gaussian of 2 mm (as measured in DESIGN.md, this
+        concentration-like map (core 0.9, edema 0.45) blurred by a Gaussian of 2 mm (as measured, this
         gives the net a start as good as a concentration map's)."""
         if self.concentration is not None:
             return self.concentration

@@ -1,4 +1,4 @@
-"""Clinical target volumes, as the PREDICT-GBM benchmark compares them (DESIGN.md).
+"""Clinical target volumes, as the PREDICT-GBM benchmark compares them (docs/model.md).
 
 - Standard plan: the tumor core (enhancing tumor + necrosis) grown by 15 mm, measured in mm on any grid (an exact
   Euclidean distance transform with the voxel spacing, so anisotropic grids are handled), clipped to the brain.

@@ -7,7 +7,7 @@ iso when made) the share of the recurrence inside it is computed:
     coverage = recurrence voxels inside the plan / recurrence voxels inside the tissue image
 
 both counted on the tissue's grid, for the whole recurrence ("all": every non-zero label) and for its enhancing part
-("enhancing"). This is the score of the PREDICT-GBM benchmark (DESIGN.md, "Clinical target volume").
+("enhancing"). This is the score of the PREDICT-GBM benchmark (docs/model.md, "Target plans").
 
 Recurrence voxels outside the brain (in CSF or background of the tissue map, where no plan reaches since plans are
 clipped to the brain) still count in the denominator: a plan that misses them misses them, and a registration or

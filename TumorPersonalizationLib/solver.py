@@ -1,6 +1,6 @@
 """Finite-difference Fisher-Kolmogorov solver in PyTorch: CPU or CUDA, float32 or float64, batched, differentiable.
 
-    dc/dt = div(D(x) grad c) + rho c (1 - c),  run to T = 1 with D_WM = mu_D^2, rho = mu_rho^2  (DESIGN.md)
+    dc/dt = div(D(x) grad c) + rho c (1 - c),  run to T = 1 with D_WM = mu_D^2, rho = mu_rho^2  (docs/model.md)
 
 Space: conservative flux form on the image grid. The diffusivity of the face between two voxels is
 D_WM * (mean WM fraction + mean GM fraction / 10), zero where either voxel has WM+GM < 0.1, so nothing flows into
@@ -84,9 +84,9 @@ class SolverStats:
 
 
 # A run's wall time on the benchmark's 2-core CPU is about this many seconds per voxel-stencil (RunPlan.work).
-# benchmarks/solver_cost.py (45 runs on the 1 mm atlas) fits 1.98 ns; this shared machine's speed moves between
-# sittings, and 2.2 ns is kept. With 2.2 ns the prediction was 0.53-1.64x the measured time (median 1.03; large
-# boxes, which miss the cache, cost more per voxel). Where runs are only compared with each other (hybrid's
+# benchmarks/solver_cost.py (45 runs on the 1 mm atlas) fits 1.98 ns; a shared machine's speed varies from run to
+# run, and 2.2 ns is kept. With 2.2 ns the prediction is 0.53-1.64x the measured time (median 1.03; large boxes,
+# which miss the cache, cost more per voxel). Where runs are only compared with each other (hybrid's
 # close-call cap) the constant cancels; it converts a fixed cost in seconds into the same unit. On other hardware
 # (a GPU) the unit is no longer seconds, but the ranking of runs holds.
 SECONDS_PER_VOXEL_STENCIL = 2.2e-9
@@ -134,7 +134,7 @@ class TissueOperator:
     """The tissue's diffusion operator on one device and dtype: face conductances divided by spacing^2.
 
     conductance_* are (WM + GM/10) averaged over the two voxels of a face, zero where either voxel is not brain;
-    multiplied by mu_D^2 they give the face diffusivities of DESIGN.md.
+    multiplied by mu_D^2 they give the face diffusivities of docs/model.md.
     """
 
     def __init__(self, tissue: Tissue, device="cpu", dtype=torch.float32):
@@ -263,7 +263,7 @@ def _logistic_step(c, decay):
 
 
 def initial_condition(ras_grid: torch.Tensor, seeds_ras: torch.Tensor, brain_mask: torch.Tensor) -> torch.Tensor:
-    """c0 of DESIGN.md for each seed: (B, 3) seeds on a (K, J, I, 3) RAS grid -> (B, K, J, I)."""
+    """c0 of docs/model.md for each seed: (B, 3) seeds on a (K, J, I, 3) RAS grid -> (B, K, J, I)."""
     offsets = ras_grid.unsqueeze(0) - seeds_ras.view(-1, 1, 1, 1, 3)
     c0 = INITIAL_AMPLITUDE * torch.exp(-(offsets * offsets).sum(-1) / INITIAL_WIDTH_MM2)
     c0 = torch.where(c0 >= INITIAL_CUTOFF, c0, torch.zeros_like(c0)).clamp(max=1.0)
