@@ -141,6 +141,21 @@ def test_the_logic_has_every_method_the_widget_calls():
     assert called and called <= methods | {"getParameterNode"}, sorted(called - methods)
 
 
+def test_no_function_rebinds_the_translation_function():
+    """`_` is slicer.i18n.tr: a function that also assigns `_` (say `summary, _ = ...`) makes it a local name there,
+    and every `_("...")` in that function fails, before the assignment too."""
+    offenders = []
+    for function in ast.walk(module_tree()):
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        arguments = function.args.args + function.args.kwonlyargs + function.args.posonlyargs
+        bound = [a.arg for a in arguments] + [n.id for n in ast.walk(function)
+                                              if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)]
+        if "_" in bound:
+            offenders.append(f"{function.name} (line {function.lineno})")
+    assert not offenders, f"these functions bind `_`: {offenders}"
+
+
 # ---- CMake <-> files ----------------------------------------------------------------------------------------------
 def test_every_file_the_cmake_lists_name_exists_and_every_library_file_is_listed():
     cmake = MODULE_DIRECTORY / "CMakeLists.txt"

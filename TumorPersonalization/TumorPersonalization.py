@@ -292,7 +292,7 @@ class TumorPersonalizationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
                 if run.returncode != 0:
                     self.ui.statusLabel.text = _("Failed; the scene was not changed.")
                     raise RuntimeError(run.errorMessage())
-                summary, _ = self.logic.loadOutputs(run.outputDirectory, run.anchorNode, run.backgroundNode)
+                summary, _nodes = self.logic.loadOutputs(run.outputDirectory, run.anchorNode, run.backgroundNode)
                 self._showResults(summary)
                 self.ui.statusLabel.text = _("Done in {seconds:.1f} s").format(seconds=summary.get("runtime_s", 0))
         finally:
@@ -624,7 +624,7 @@ class TumorPersonalizationLogic(ScriptedLoadableModuleLogic):
             return None
         from TumorPersonalizationLib.recurrence import check_recurrence_labels, recurrence_on_grid
 
-        volume, _ = self.tumorVolumeFromNode(recurrenceNode, tissue.geometry, "segmentation", tumorLabels)
+        volume, _kind = self.tumorVolumeFromNode(recurrenceNode, tissue.geometry, "segmentation", tumorLabels)
         volume = check_recurrence_labels(volume, tumorLabels, f"recurrence '{recurrenceNode.GetName()}'")
         recurrence_on_grid(volume, tissue.geometry, tumorLabels)
         return volume
