@@ -76,10 +76,14 @@ def parameter_fields():
 
 
 def expected_widget(annotation):
-    """(widget class, node class or None) a parameter of this annotation must be bound to."""
+    """(widget class, [node classes] or None) a parameter of this annotation must be bound to; Optional[Union[A, B]]
+    of nodes is a node selector showing A and B."""
     if isinstance(annotation, ast.Subscript) and isinstance(annotation.value, ast.Name):
         if annotation.value.id == "Optional":
-            return "qMRMLNodeComboBox", annotation.slice.id
+            inner = annotation.slice
+            if isinstance(inner, ast.Subscript) and getattr(inner.value, "id", "") == "Union":
+                return "qMRMLNodeComboBox", [element.id for element in inner.slice.elts]
+            return "qMRMLNodeComboBox", [inner.id]
         if annotation.value.id == "Annotated":
             base, *extras = annotation.slice.elts
             has_choice = any(isinstance(e, ast.Call) and getattr(e.func, "id", "") == "Choice" for e in extras)
@@ -127,7 +131,7 @@ def test_every_parameter_is_bound_to_one_widget_of_the_right_kind():
         cls, properties = widgets[bound[field]]
         assert cls == widget_class, f"{field} is bound to a {cls}, expected a {widget_class}"
         if node_class:
-            assert properties.get("nodeTypes") == [node_class], f"{bound[field]} shows {properties.get('nodeTypes')}"
+            assert properties.get("nodeTypes") == node_class, f"{bound[field]} shows {properties.get('nodeTypes')}"
 
 
 def test_the_logic_has_every_method_the_widget_calls():
@@ -154,6 +158,22 @@ def test_no_function_rebinds_the_translation_function():
         if "_" in bound:
             offenders.append(f"{function.name} (line {function.lineno})")
     assert not offenders, f"these functions bind `_`: {offenders}"
+
+
+def test_every_input_frame_and_choice_is_wired():
+    """Each tissue input kind has a frame the Widget shows for it, and each lesion-tissue choice a tooltip."""
+    source = MODULE_FILE.read_text()
+    widgets = ui_widgets()
+    for frame, index in (("tissueSegmentationFrame", 0), ("tissueLabelmapFrame", 1), ("tissueProbabilityFrame", 2),
+                         ("t1Frame", 3)):
+        assert frame in widgets
+        assert f"self.ui.{frame}.visible = parameters.tissueInput == TISSUE_INPUTS[{index}]" in source, frame
+    assert widgets["t1Selector"][1]["SlicerParameterName"] == "t1Volume"
+    assert widgets["recurrenceSelector"][1]["SlicerParameterName"] == "recurrence"
+    tooltip = " ".join(widgets["lesionTissueComboBox"][1]["toolTip"].split())
+    for words in ("atlas (default)", "registered to the tissue", "surround", "surrounding WM/GM", "keep",
+                  "kept as given"):
+        assert words in tooltip, words
 
 
 # ---- CMake <-> files ----------------------------------------------------------------------------------------------
