@@ -42,6 +42,18 @@ def test_recurrence_node_reaches_the_result_and_the_table(mrml_scene, monkeypatc
         for plan in ("standard", "model"):
             assert table[f"recurrence.{part}.{plan}"] == mrml.format_value(result.recurrence[part][plan])
     assert float(table["recurrence.all.volume_cm3"]) == pytest.approx(result.recurrence["all"]["volume_cm3"])
+    # The tissue the model ran on (the atlas refill by default) is shown, its refilled lesion outlined.
+    assert table["tissue.source"] == "atlas"
+    assert mrml.segment_names(outputs["tissue"]) == ["WM", "GM", "CSF", "Refilled lesion"]
+    outline = mrml.labels_from_segmentation_node(outputs["tissue"], atlas.geometry, {"Refilled lesion": 1})
+    np.testing.assert_array_equal(outline.array > 0, result.lesion.lesion)
+
+    # The panel's follow-up selector reaches the Logic's recurrenceNode.
+    parameters = logic.getParameterNode()
+    parameters.tumorConcentration, parameters.recurrence = tumor, followup
+    parameters.tissueInput = module.TISSUE_INPUTS[2]
+    parameters.wmProbability, parameters.gmProbability, parameters.csfProbability = nodes
+    assert logic.inputsFromParameterNode(parameters)["recurrenceNode"] is followup
 
     command = module.TumorPersonalizationLogic.personalizeCommand("t.nii.gz", "u.nii.gz", "segmentation", (1, 2, 4),
                                                                   None, "cpu", "out", recurrencePath="r.nii.gz")

@@ -38,15 +38,18 @@ from TumorPersonalizationLib.tissue import Tissue
 
 # A stand-in for `python -m TumorPersonalizationLib.cli personalize ...`: same arguments, behaviour chosen by the
 # environment variable FAKE_CLI (succeed | hang | fail). On success it writes an output folder as the command line
-# does, made from the tissue it was given, and records the arguments it received in parameters.json.
+# does, made from the tissue it was given (with --t1: the T1's values / 100 taken as CSF 1, GM 2, WM 3 labels), the
+# tissue included, and records the arguments it received in parameters.json.
 FAKE_CLI = r'''
 import argparse, json, os, sys, time
 sys.path.insert(0, os.environ["FAKE_CLI_REPOSITORY"])
 parser = argparse.ArgumentParser()
 parser.add_argument("command")
-for option in ("--tissue", "--tumor", "--tumor-kind", "--method", "--device", "--progress", "--out-dir"):
+for option in ("--tissue", "--t1", "--tumor", "--tumor-kind", "--method", "--device", "--progress", "--out-dir",
+               "--lesion-tissue", "--recurrence"):
     parser.add_argument(option)
 parser.add_argument("--tumor-labels", nargs=3, type=int)
+parser.add_argument("--recurrence-labels", nargs=3, type=int)
 args = parser.parse_args()
 
 def progress(fraction, message):
@@ -62,9 +65,16 @@ progress(0.1, "working")
 if behaviour == "hang":
     time.sleep(120)
 from pathlib import Path
+import numpy as np
 from TumorPersonalizationLib.geometry import Volume
+from TumorPersonalizationLib.imageio import write_image
 from TumorPersonalizationLib.tissue import Tissue
-tissue = Tissue.from_file(args.tissue)
+assert (args.tissue is None) != (args.t1 is None), "exactly one of --tissue and --t1"
+if args.t1:
+    t1 = Volume.load(args.t1)
+    tissue = Tissue.from_labelmap(Volume(np.rint(t1.array / 100).astype(np.int16), t1.geometry))
+else:
+    tissue = Tissue.from_file(args.tissue)
 tumor = Volume.load(args.tumor)
 progress(0.5, "half way")
 out = Path(args.out_dir)
@@ -72,13 +82,20 @@ out.mkdir(parents=True)
 Volume(tissue.wm * 0.5, tissue.geometry).save(out / "infiltration.nii.gz")
 Volume((tissue.gm > 0.5).astype("uint8"), tissue.geometry).save(out / "plan_standard.nii.gz")
 Volume((tissue.wm > 0.5).astype("uint8"), tissue.geometry).save(out / "plan_model.nii.gz")
+write_image(tissue.to_volume_image(), out / "tissue.nii.gz")
 voxel_cm3 = tissue.geometry.voxel_volume_mm3() / 1000
 summary = {"seed_ras_mm": [1.5, -2.0, 3.25], "mu_d_mm": 6.5, "mu_rho": 2.5, "method": args.method, "loss": 0.01,
            "runtime_s": 1.0, "plans": {"standard_cm3": float((tissue.gm > 0.5).sum() * voxel_cm3),
                                        "model_cm3": float((tissue.wm > 0.5).sum() * voxel_cm3)},
-           "warnings": ["a warning"], "history": [{"loss": 1.0}], "received": {
+           "warnings": ["a warning"], "history": [{"loss": 1.0}],
+           "tissue": {"source": "t1" if args.t1 else args.lesion_tissue, "lesion_cm3": 2.0,
+                      "refilled_cm3": 0.0 if args.t1 else 1.25, "registration_quality": 0.9, "runtime_s": 0.1},
+           "received": {
                "tumor_kind": args.tumor_kind, "tumor_labels": args.tumor_labels, "device": args.device,
-               "progress": args.progress, "tumor_max": float(tumor.array.max())}}
+               "progress": args.progress, "tumor_max": float(tumor.array.max()), "lesion_tissue": args.lesion_tissue,
+               "tumor_on_tissue_grid": tumor.geometry.same_grid(tissue.geometry),
+               "recurrence_on_tissue_grid": (Volume.load(args.recurrence).geometry.same_grid(tissue.geometry)
+                                             if args.recurrence else None)}}
 (out / "parameters.json").write_text(json.dumps(summary))
 progress(1.0, "done")
 '''
@@ -201,7 +218,8 @@ def test_background_run_follows_progress_and_a_rerun_replaces_the_outputs(mrml_s
     command = fake_cli[0]
     assert command[command.index("--progress") + 1] == "json" and command[command.index("--method") + 1] == "direct"
     assert summary["received"] == {"tumor_kind": "segmentation", "tumor_labels": [1, 2, 3], "device": "cpu",
-                                   "progress": "json", "tumor_max": 2.0}
+                                   "progress": "json", "tumor_max": 2.0, "lesion_tissue": "atlas",
+                                   "tumor_on_tissue_grid": True, "recurrence_on_tissue_grid": None}
     # The tissue reached the command line on its own grid, and the results came back onto it in RAS.
     infiltration = mrml.volume_from_node(nodes["infiltration"])
     assert infiltration.geometry.same_grid(ROTATED_GEOMETRY, tolerance_mm=1e-4)
@@ -221,6 +239,239 @@ def test_background_run_follows_progress_and_a_rerun_replaces_the_outputs(mrml_s
     _, again = run_once()
     assert mrml_scene.GetNumberOfNodes() == count
     assert all(again[key] is nodes[key] for key in nodes)
+
+
+def _t1_geometry():
+    """An axis-aligned 1.5 mm grid around ROTATED_GEOMETRY's box: the T1 is on another grid than the segmentations
+    (drawn on the rotated reference), as a patient's T1 and a segmentation from another tool would be."""
+    shape = np.asarray(ROTATED_GEOMETRY.shape_kji)
+    corners = np.array([[k, j, i] for k in (0, shape[0] - 1) for j in (0, shape[1] - 1) for i in (0, shape[2] - 1)])
+    ras = ROTATED_GEOMETRY.index_kji_to_ras(corners)
+    low, high = ras.min(axis=0) - 3.0, ras.max(axis=0) + 3.0
+    shape_ijk = np.ceil((high - low) / 1.5).astype(int) + 1
+    return Geometry(tuple(int(n) for n in shape_ijk[::-1]), (1.5, 1.5, 1.5), tuple(low), np.eye(3))
+
+
+def _t1_node(scene, name="T1"):
+    """A T1 whose values / 100 the fake command line reads as labels: CSF (100) in the first third along i, GM (200)
+    in the second, WM (300) in the last. Returns (node, geometry, expected label array)."""
+    geometry = _t1_geometry()
+    i = np.arange(geometry.shape_kji[2])
+    labels = np.broadcast_to(np.where(i < geometry.shape_kji[2] // 3, 1,
+                                      np.where(i < 2 * geometry.shape_kji[2] // 3, 2, 3)), geometry.shape_kji)
+    node = mrml.volume_to_node(scene, Volume((labels * 100).astype(np.float32), geometry), name)
+    return node, geometry, np.ascontiguousarray(labels)
+
+
+def _tumor_segmentation(scene, reference, name="tumor"):
+    masks = tissue_masks()
+    return segmentation_from_masks(scene, {"Edema": masks["WM"] | masks["GM"], "Enhancing": masks["GM"]}, reference,
+                                   name)
+
+
+def test_the_t1_choice_runs_the_command_line_on_the_t1_and_shows_the_model_tissue(mrml_scene, module, fake_cli):
+    logic = module.TumorPersonalizationLogic()
+    t1, t1_geometry, t1_labels = _t1_node(mrml_scene)
+    reference = reference_node(mrml_scene)
+    tumor = _tumor_segmentation(mrml_scene, reference)
+    followup = _tumor_segmentation(mrml_scene, reference, "follow-up")
+    parameters = logic.getParameterNode()
+    parameters.tissueInput = module.TISSUE_INPUTS[3]
+    parameters.tumorInput = module.TUMOR_INPUTS[2]
+    parameters.tumorSegmentation = tumor
+    parameters.lesionTissue = module.LESION_TISSUE_CHOICES[1]
+    parameters.recurrence = followup
+    assert logic.missingInputs(parameters) == ["T1-weighted image"]
+    parameters.t1Volume = t1
+    parameters.tissueSegmentation = segmentation_from_masks(mrml_scene, tissue_masks(), reference)  # not used
+
+    # What the panel does with its selections (onPersonalizeButton).
+    inputs = logic.inputsFromParameterNode(parameters)
+    assert inputs["tissueNode"] is None and inputs["t1Node"] is t1 and inputs["recurrenceNode"] is followup
+    assert inputs["lesionTissue"] == "surround"
+    run = logic.startBackgroundRun(inputs.pop("tissueNode"), inputs.pop("tumorNode"), method="direct", device="cpu",
+                                   **inputs)
+    assert run.wait(timeout=30) == 0, run.errorMessage()
+    command = fake_cli[-1]
+    assert "--tissue" not in command and command[command.index("--lesion-tissue") + 1] == "surround"
+    written_t1 = Volume.load(command[command.index("--t1") + 1])
+    assert written_t1.geometry.same_grid(t1_geometry, tolerance_mm=1e-4)
+    np.testing.assert_array_equal(written_t1.array, t1_labels * 100)
+    assert "--recurrence" in command
+    assert run.backgroundNode is t1, "results are shown over the T1"
+    summary, nodes = logic.loadOutputs(run.outputDirectory, run.anchorNode, run.backgroundNode)
+    run.cleanup()
+    # The tumor and the follow-up segmentations went to the command line on the T1's grid.
+    assert summary["received"]["tumor_on_tissue_grid"] and summary["received"]["recurrence_on_tissue_grid"]
+    assert mrml.volume_from_node(nodes["infiltration"]).geometry.same_grid(t1_geometry, tolerance_mm=1e-4)
+
+    # The tissue the model ran on: a hidden segmentation on the T1's grid, no lesion outline (no mask in the folder).
+    tissue_node = nodes["tissue"]
+    assert tissue_node.GetName() == "tumor model tissue"
+    assert tumor.GetNodeReference(module.OUTPUT_ROLES["tissue"]) is tissue_node
+    assert mrml.segment_names(tissue_node) == ["WM", "GM", "CSF"]
+    assert not tissue_node.GetDisplayNode().GetVisibility()
+    shown = mrml.labels_from_segmentation_node(tissue_node, t1_geometry, {"CSF": 1, "GM": 2, "WM": 3})
+    np.testing.assert_array_equal(shown.array, t1_labels)
+    table = mrml.dict_from_table_node(nodes["table"])
+    assert table["tissue.source"] == "t1" and table["tissue.registration_quality"] == "0.9"
+    labels = module.TumorPersonalizationLogic.resultLabels(summary)
+    assert labels["tissue"] == "derived from the T1 (atlas registered to it), registration quality 0.90"
+
+
+def test_the_lesion_option_reaches_the_command_line(mrml_scene, module, fake_cli):
+    logic = module.TumorPersonalizationLogic()
+    segmentation, _reference = _tissue_segmentation(mrml_scene)
+    tumor = mrml.volume_to_node(mrml_scene, Volume(tissue_masks()["WM"] * 2, ROTATED_GEOMETRY), "tumor",
+                                labelmap=True)
+    run = logic.startBackgroundRun(segmentation, tumor, lesionTissue="keep")
+    assert run.wait(timeout=30) == 0, run.errorMessage()
+    summary, nodes = logic.loadOutputs(run.outputDirectory, tumor)
+    run.cleanup()
+    command = fake_cli[-1]
+    assert command[command.index("--lesion-tissue") + 1] == "keep" and "--t1" not in command
+    assert summary["received"]["lesion_tissue"] == "keep"
+    assert mrml.dict_from_table_node(nodes["table"])["tissue.source"] == "keep"
+    assert module.TumorPersonalizationLogic.resultLabels(summary)["tissue"] == \
+        "as given (lesion kept), registration quality 0.90"
+    with pytest.raises(InputError, match="unknown lesion tissue 'fill': choose one of atlas, surround, keep"):
+        logic.startBackgroundRun(segmentation, tumor, lesionTissue="fill")
+    with pytest.raises(InputError, match="either a tissue or a T1"):
+        logic.startBackgroundRun(segmentation, tumor, t1Node=_t1_node(mrml_scene)[0])
+
+
+def test_load_outputs_refuses_a_tissue_on_another_grid(mrml_scene, module, fake_cli, tmp_path):
+    from TumorPersonalizationLib.imageio import write_image
+
+    logic = module.TumorPersonalizationLogic()
+    segmentation, _reference = _tissue_segmentation(mrml_scene)
+    tumor = mrml.volume_to_node(mrml_scene, Volume(tissue_masks()["WM"] * 2, ROTATED_GEOMETRY), "tumor",
+                                labelmap=True)
+    run = logic.startBackgroundRun(segmentation, tumor)
+    assert run.wait(timeout=30) == 0, run.errorMessage()
+    t1_geometry = _t1_geometry()
+    write_image(Tissue.from_labelmap(Volume(np.full(t1_geometry.shape_kji, 3, np.int16), t1_geometry))
+                .to_volume_image(), run.outputDirectory / "tissue.nii.gz")
+    count = mrml_scene.GetNumberOfNodes()
+    with pytest.raises(InputError, match="tissue.nii.gz is not on the infiltration map's grid"):
+        logic.loadOutputs(run.outputDirectory, tumor)
+    run.cleanup()
+    assert mrml_scene.GetNumberOfNodes() == count
+
+
+def _stand_in_personalize(calls):
+    """A stand-in for pipeline.personalize with its signature's tissue arguments: records them, and returns a
+    result whose tissue is the given one (or the T1's values / 100 as labels) and whose lesion is the tumor."""
+    from TumorPersonalizationLib.lesion import LesionTissue
+
+    def personalize(tissue, observation, method=None, progress=None, cancel=None, device="auto",
+                    lesion_tissue="atlas", t1=None, **kwargs):
+        calls.append({"tissue": tissue, "observation": observation, "lesion_tissue": lesion_tissue, "t1": t1,
+                      "other": kwargs})
+        ran_on = tissue if tissue is not None else Tissue.from_labelmap(
+            Volume(np.rint(t1.array / 100).astype(np.int16), t1.geometry))
+        lesion = observation.on_grid(ran_on.geometry).visible > 0.5
+        source = "t1" if t1 is not None else lesion_tissue
+        made = LesionTissue(ran_on, lesion, source, 0.0 if source in ("t1", "keep") else 0.5,
+                            0.8 if source in ("t1", "atlas") else None)
+        summary = {"seed_ras_mm": [0.0, 0.0, 0.0], "mu_d_mm": 5.0, "mu_rho": 2.0, "method": method, "loss": 0.1,
+                   "runtime_s": 0.1, "plans": {}, "warnings": [], "tissue": made.to_dict()}
+        plans = SimpleNamespace(standard=(ran_on.gm > 0.5).astype(np.uint8), model=(ran_on.wm > 0.5).astype(np.uint8),
+                                iso=None)
+        return SimpleNamespace(to_dict=lambda: summary, concentration=Volume(ran_on.wm * 0.5, ran_on.geometry),
+                               plans=plans, tissue=ran_on, lesion=made)
+
+    return personalize
+
+
+def test_in_process_run_passes_the_lesion_option_and_the_t1_and_outlines_the_refilled_lesion(mrml_scene, module,
+                                                                                             monkeypatch):
+    import TumorPersonalizationLib.pipeline as pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "personalize", _stand_in_personalize(calls))
+    logic = module.TumorPersonalizationLogic()
+    segmentation, reference = _tissue_segmentation(mrml_scene)
+    masks = tissue_masks()
+    tumor = mrml.volume_to_node(mrml_scene, Volume(masks["WM"] * 2, ROTATED_GEOMETRY), "tumor", labelmap=True)
+
+    result, nodes = logic.personalize(segmentation, tumor, lesionTissue="surround")
+    assert calls[-1]["lesion_tissue"] == "surround" and calls[-1]["t1"] is None
+    assert calls[-1]["tissue"].geometry.same_grid(ROTATED_GEOMETRY)
+    tissue_node = nodes["tissue"]
+    assert mrml.segment_names(tissue_node) == ["WM", "GM", "CSF", "Refilled lesion"]
+    assert not tissue_node.GetDisplayNode().GetVisibility()
+    outline = mrml.labels_from_segmentation_node(tissue_node, ROTATED_GEOMETRY, {"Refilled lesion": 1})
+    np.testing.assert_array_equal(outline.array, masks["WM"])
+    assert mrml.dict_from_table_node(nodes["table"])["tissue.source"] == "surround"
+    assert module.TumorPersonalizationLogic.resultLabels(result.to_dict())["tissue"] == \
+        "lesion refilled from the surrounding WM/GM, 0.5 cm\u00b3 refilled of a " \
+        f"{masks['WM'].sum() * ROTATED_GEOMETRY.voxel_volume_mm3() / 1000:.1f} cm\u00b3 lesion"
+
+    # Kept as given: nothing was refilled, so the re-run's model tissue has no outline; the node is reused.
+    _, again = logic.personalize(segmentation, tumor, lesionTissue="keep")
+    assert calls[-1]["lesion_tissue"] == "keep"
+    assert again["tissue"] is tissue_node and mrml.segment_names(tissue_node) == ["WM", "GM", "CSF"]
+
+    # A T1 instead of a tissue: personalize(None, observation, t1=...), the tumor segmentation on the T1's grid.
+    t1, t1_geometry, t1_labels = _t1_node(mrml_scene)
+    tumor_segmentation = _tumor_segmentation(mrml_scene, reference)
+    _, t1_nodes = logic.personalize(None, tumor_segmentation, t1Node=t1)
+    call = calls[-1]
+    assert call["tissue"] is None and call["lesion_tissue"] == "atlas"
+    assert call["t1"].geometry.same_grid(t1_geometry) and call["t1"].array.dtype == np.float32
+    np.testing.assert_array_equal(call["t1"].array, t1_labels * 100)
+    assert call["observation"].kind == "segmentation"
+    assert call["observation"].volume.geometry.same_grid(t1_geometry)
+    assert np.count_nonzero(call["observation"].volume.array) > 0
+    assert mrml.segment_names(t1_nodes["tissue"]) == ["WM", "GM", "CSF"]  # derived, not refilled: no outline
+
+    count = len(calls)
+    with pytest.raises(InputError, match="unknown lesion tissue 'fill'"):
+        logic.personalize(segmentation, tumor, lesionTissue="fill")
+    with pytest.raises(InputError, match="is a label map; the T1 must be"):
+        logic.personalize(None, tumor, t1Node=tumor)
+    with pytest.raises(InputError, match="either a tissue or a T1"):
+        logic.personalize(segmentation, tumor, t1Node=t1)
+    assert len(calls) == count, "bad input was refused before the personalisation"
+
+
+def test_panel_fields_for_patients_inputs(mrml_scene, module):
+    """The parameter node's T1, lesion-tissue and follow-up fields: defaults, the choices against the library's
+    modes, what reaches the Logic, and a missing T1 reported when the T1 choice is selected."""
+    from TumorPersonalizationLib.lesion import DEFAULT_LESION_TISSUE, LESION_TISSUE_MODES
+
+    logic = module.TumorPersonalizationLogic()
+    parameters = logic.getParameterNode()
+    assert parameters.t1Volume is None and parameters.recurrence is None
+    assert module.lesionTissueMode(parameters.lesionTissue) == DEFAULT_LESION_TISSUE
+    assert parameters.lesionTissue == "atlas (default)"
+    assert sorted(module.lesionTissueMode(c) for c in module.LESION_TISSUE_CHOICES) == sorted(LESION_TISSUE_MODES)
+    toolTips = module.lesionTissueToolTips()
+    assert set(toolTips) == set(LESION_TISSUE_MODES)
+    assert "atlas" in toolTips["atlas"] and "surrounds" in toolTips["surround"] and "kept as given" in toolTips["keep"]
+    with pytest.raises(InputError, match="unknown lesion tissue"):
+        module.lesionTissueMode("atlas please")
+
+    parameters.tissueInput = module.TISSUE_INPUTS[3]
+    assert parameters.tissueInput == "T1-weighted image"
+    assert logic.missingInputs(parameters) == ["T1-weighted image", "concentration map"]
+    with pytest.raises(InputError, match="select: T1-weighted image, concentration map"):
+        logic.inputsFromParameterNode(parameters)
+    t1, _geometry, _labels = _t1_node(mrml_scene)
+    tumor = mrml.volume_to_node(mrml_scene, Volume(tissue_masks()["WM"] * 0.8, ROTATED_GEOMETRY), "tumor")
+    followup = mrml.volume_to_node(mrml_scene, Volume(tissue_masks()["WM"] * 2, ROTATED_GEOMETRY), "follow-up",
+                                   labelmap=True)
+    parameters.t1Volume, parameters.tumorConcentration, parameters.recurrence = t1, tumor, followup
+    parameters.lesionTissue = module.LESION_TISSUE_CHOICES[2]
+    inputs = logic.inputsFromParameterNode(parameters)
+    assert inputs["tissueNode"] is None and inputs["t1Node"] is t1 and inputs["tumorNode"] is tumor
+    assert inputs["recurrenceNode"] is followup and inputs["lesionTissue"] == "keep"
+    # Back to a tissue segmentation: the T1 stays selected in the panel but is not passed on.
+    parameters.tissueInput = module.TISSUE_INPUTS[0]
+    parameters.tissueSegmentation = _tissue_segmentation(mrml_scene)[0]
+    inputs = logic.inputsFromParameterNode(parameters)
+    assert inputs["t1Node"] is None and inputs["tissueNode"] is parameters.tissueSegmentation
 
 
 def test_cancel_ends_the_process_and_leaves_the_scene_as_it_was(mrml_scene, module, fake_cli, monkeypatch):

@@ -76,10 +76,14 @@ def parameter_fields():
 
 
 def expected_widget(annotation):
-    """(widget class, node class or None) a parameter of this annotation must be bound to."""
+    """(widget class, [node classes] or None) a parameter of this annotation must be bound to; Optional[Union[A, B]]
+    of nodes is a node selector showing A and B."""
     if isinstance(annotation, ast.Subscript) and isinstance(annotation.value, ast.Name):
         if annotation.value.id == "Optional":
-            return "qMRMLNodeComboBox", annotation.slice.id
+            inner = annotation.slice
+            if isinstance(inner, ast.Subscript) and getattr(inner.value, "id", "") == "Union":
+                return "qMRMLNodeComboBox", [element.id for element in inner.slice.elts]
+            return "qMRMLNodeComboBox", [inner.id]
         if annotation.value.id == "Annotated":
             base, *extras = annotation.slice.elts
             has_choice = any(isinstance(e, ast.Call) and getattr(e.func, "id", "") == "Choice" for e in extras)
@@ -127,7 +131,7 @@ def test_every_parameter_is_bound_to_one_widget_of_the_right_kind():
         cls, properties = widgets[bound[field]]
         assert cls == widget_class, f"{field} is bound to a {cls}, expected a {widget_class}"
         if node_class:
-            assert properties.get("nodeTypes") == [node_class], f"{bound[field]} shows {properties.get('nodeTypes')}"
+            assert properties.get("nodeTypes") == node_class, f"{bound[field]} shows {properties.get('nodeTypes')}"
 
 
 def test_the_logic_has_every_method_the_widget_calls():
@@ -139,6 +143,37 @@ def test_the_logic_has_every_method_the_widget_calls():
               if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
               and node.value.attr == "logic"}
     assert called and called <= methods | {"getParameterNode"}, sorted(called - methods)
+
+
+def test_no_function_rebinds_the_translation_function():
+    """`_` is slicer.i18n.tr: a function that also assigns `_` (say `summary, _ = ...`) makes it a local name there,
+    and every `_("...")` in that function fails, before the assignment too."""
+    offenders = []
+    for function in ast.walk(module_tree()):
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        arguments = function.args.args + function.args.kwonlyargs + function.args.posonlyargs
+        bound = [a.arg for a in arguments] + [n.id for n in ast.walk(function)
+                                              if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)]
+        if "_" in bound:
+            offenders.append(f"{function.name} (line {function.lineno})")
+    assert not offenders, f"these functions bind `_`: {offenders}"
+
+
+def test_every_input_frame_and_choice_is_wired():
+    """Each tissue input kind has a frame the Widget shows for it, and each lesion-tissue choice a tooltip."""
+    source = MODULE_FILE.read_text()
+    widgets = ui_widgets()
+    for frame, index in (("tissueSegmentationFrame", 0), ("tissueLabelmapFrame", 1), ("tissueProbabilityFrame", 2),
+                         ("t1Frame", 3)):
+        assert frame in widgets
+        assert f"self.ui.{frame}.visible = parameters.tissueInput == TISSUE_INPUTS[{index}]" in source, frame
+    assert widgets["t1Selector"][1]["SlicerParameterName"] == "t1Volume"
+    assert widgets["recurrenceSelector"][1]["SlicerParameterName"] == "recurrence"
+    tooltip = " ".join(widgets["lesionTissueComboBox"][1]["toolTip"].split())
+    for words in ("atlas (default)", "registered to the tissue", "surround", "surrounding WM/GM", "keep",
+                  "kept as given"):
+        assert words in tooltip, words
 
 
 # ---- CMake <-> files ----------------------------------------------------------------------------------------------

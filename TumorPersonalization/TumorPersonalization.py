@@ -22,7 +22,7 @@ import tempfile
 import time
 import unittest
 from pathlib import Path
-from typing import Annotated, Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Annotated, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import vtk
 
@@ -60,12 +60,18 @@ _makeLibraryImportable()
 from TumorPersonalizationLib import mrml, processes, slicer_deps  # noqa: E402  (after the path set-up above)
 from TumorPersonalizationLib.constants import DEFAULT_METHOD, METHODS as LIBRARY_METHODS  # noqa: E402
 from TumorPersonalizationLib.errors import InputError  # noqa: E402
+from TumorPersonalizationLib.lesion import DEFAULT_LESION_TISSUE, LESION_TISSUE_MODES  # noqa: E402
 from TumorPersonalizationLib.report import REPORT_SKIPPED  # noqa: E402
 
 # Methods of TumorPersonalizationLib.inversion; the panel shows the library's default first, the others under Advanced.
 METHODS = (DEFAULT_METHOD,) + tuple(m for m in LIBRARY_METHODS if m != DEFAULT_METHOD)
 DEVICES = ("auto", "cpu", "cuda")
-TISSUE_INPUTS = ("Segmentation (WM/GM/CSF segments)", "Label map", "Probability maps")
+TISSUE_INPUTS = ("Segmentation (WM/GM/CSF segments)", "Label map", "Probability maps", "T1-weighted image")
+# What fills the lesion of a tumor-bearing brain's tissue before the fit (TumorPersonalizationLib.lesion): the panel
+# shows the library's modes, the default marked; lesionTissueMode() turns a choice back into the mode.
+LESION_TISSUE_CHOICES = tuple(mode + (" (default)" if mode == DEFAULT_LESION_TISSUE else "") for mode in
+                              (DEFAULT_LESION_TISSUE,) + tuple(m for m in LESION_TISSUE_MODES
+                                                               if m != DEFAULT_LESION_TISSUE))
 TUMOR_INPUTS = ("Concentration map", "Tumor label map", "Tumor segmentation")
 # BraTS 2023 labels: 1 necrotic core, 2 edema, 3 enhancing (BraTS 2021: enhancing = 4).
 DEFAULT_TUMOR_LABELS = (1, 2, 3)
@@ -85,6 +91,7 @@ OUTPUT_ROLES = {
     "plans": "TumorPersonalization.plans",
     "seed": "TumorPersonalization.seed",
     "table": "TumorPersonalization.results",
+    "tissue": "TumorPersonalization.tissue",
 }
 PLAN_SEGMENT_NAMES = mrml.PLAN_SEGMENT_NAMES
 
@@ -105,6 +112,10 @@ travelled about 2 mu_D mu_rho mm; the invisible tail decays over about mu_D / mu
 <p><b>Outputs</b>: the infiltration volume (concentration 0 to 1, low values transparent), a segmentation with the
 standard plan (tumor core + 15 mm, within the brain) and the model plan (the highest-concentration brain voxels, same
 volume) with their volumes in cm&sup3;, the seed as a point, and a table of parameters and fit metrics.</p>
+<p><b>Tissue</b>: a patient's tissue segmentation is of a tumor-bearing brain, so the lesion (visible tumor + 3 mm) is
+refilled with healthy tissue before the fit (Advanced, Lesion tissue: from the registered atlas by default). Without a
+tissue segmentation, choose a skull-stripped T1-weighted image: the atlas is registered to it. The tissue the model
+ran on is kept as the hidden "model tissue" segmentation.</p>
 <p><b>For research use only. Not for clinical decisions</b>: the results have not been validated for diagnosis or
 treatment planning of any patient.</p>
 """
@@ -152,6 +163,7 @@ class TumorPersonalizationParameterNode:
     wmProbability: Optional[vtkMRMLScalarVolumeNode]
     gmProbability: Optional[vtkMRMLScalarVolumeNode]
     csfProbability: Optional[vtkMRMLScalarVolumeNode]
+    t1Volume: Optional[vtkMRMLScalarVolumeNode]
 
     tumorInput: Annotated[str, Choice(TUMOR_INPUTS)] = TUMOR_INPUTS[0]
     tumorConcentration: Optional[vtkMRMLScalarVolumeNode]
@@ -160,10 +172,31 @@ class TumorPersonalizationParameterNode:
     necroticLabel: Annotated[int, WithinRange(0, 255)] = DEFAULT_TUMOR_LABELS[0]
     edemaLabel: Annotated[int, WithinRange(0, 255)] = DEFAULT_TUMOR_LABELS[1]
     enhancingLabel: Annotated[int, WithinRange(0, 255)] = DEFAULT_TUMOR_LABELS[2]
+    recurrence: Optional[Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]]
 
     background: Optional[vtkMRMLScalarVolumeNode]
     method: Annotated[str, Choice(METHODS)] = METHODS[0]
     device: Annotated[str, Choice(DEVICES)] = DEVICES[0]
+    lesionTissue: Annotated[str, Choice(LESION_TISSUE_CHOICES)] = LESION_TISSUE_CHOICES[0]
+
+
+def lesionTissueToolTips() -> Dict[str, str]:
+    """{lesion-tissue mode: the tooltip of its choice in the panel} (translated when called)."""
+    return {
+        "atlas": _("The tumor-bearing brain's lesion (the visible tumor grown by 3 mm) is refilled with healthy "
+                   "WM/GM/CSF from the bundled atlas, registered to the tissue"),
+        "surround": _("The tumor-bearing brain's lesion (the visible tumor grown by 3 mm) is refilled with the "
+                      "healthy WM/GM that surrounds it"),
+        "keep": _("The tissue is kept as given, lesion included (for a tissue that is already healthy there)"),
+    }
+
+
+def lesionTissueMode(choice: str) -> str:
+    """The library's lesion-tissue mode of a panel choice ("atlas (default)" -> "atlas"); InputError for another."""
+    mode = str(choice).split(" (", 1)[0].strip()
+    if mode not in LESION_TISSUE_MODES:
+        raise InputError(f"unknown lesion tissue {choice!r}: choose one of {', '.join(LESION_TISSUE_MODES)}")
+    return mode
 
 
 # ---- widget ---------------------------------------------------------------------------------------------------------
@@ -242,8 +275,18 @@ class TumorPersonalizationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._setLesionTissueToolTips()
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
             self._onParameterNodeModified()
+
+    def _setLesionTissueToolTips(self) -> None:
+        """One tooltip per lesion-tissue choice (the binding fills the combo box when it connects)."""
+        import qt
+
+        comboBox = self.ui.lesionTissueComboBox
+        toolTips = lesionTissueToolTips()
+        for index in range(comboBox.count):
+            comboBox.setItemData(index, toolTips[lesionTissueMode(comboBox.itemText(index))], qt.Qt.ToolTipRole)
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
         """Show the selectors of the chosen input kinds; enable Personalise when the inputs are complete."""
@@ -253,6 +296,9 @@ class TumorPersonalizationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.ui.tissueSegmentationFrame.visible = parameters.tissueInput == TISSUE_INPUTS[0]
         self.ui.tissueLabelmapFrame.visible = parameters.tissueInput == TISSUE_INPUTS[1]
         self.ui.tissueProbabilityFrame.visible = parameters.tissueInput == TISSUE_INPUTS[2]
+        self.ui.t1Frame.visible = parameters.tissueInput == TISSUE_INPUTS[3]
+        # A tissue derived from a T1 comes from the healthy atlas: there is no lesion to refill.
+        self.ui.lesionTissueComboBox.enabled = parameters.tissueInput != TISSUE_INPUTS[3]
         self.ui.tumorConcentrationSelector.visible = parameters.tumorInput == TUMOR_INPUTS[0]
         self.ui.tumorLabelmapSelector.visible = parameters.tumorInput == TUMOR_INPUTS[1]
         self.ui.tumorSegmentationSelector.visible = parameters.tumorInput == TUMOR_INPUTS[2]
@@ -292,7 +338,7 @@ class TumorPersonalizationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
                 if run.returncode != 0:
                     self.ui.statusLabel.text = _("Failed; the scene was not changed.")
                     raise RuntimeError(run.errorMessage())
-                summary, _ = self.logic.loadOutputs(run.outputDirectory, run.anchorNode, run.backgroundNode)
+                summary, _nodes = self.logic.loadOutputs(run.outputDirectory, run.anchorNode, run.backgroundNode)
                 self._showResults(summary)
                 self.ui.statusLabel.text = _("Done in {seconds:.1f} s").format(seconds=summary.get("runtime_s", 0))
         finally:
@@ -328,6 +374,7 @@ class TumorPersonalizationWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.ui.lossValueLabel.text = labels["loss"]
         self.ui.runtimeValueLabel.text = labels["runtime"]
         self.ui.planVolumesValueLabel.text = labels["plans"]
+        self.ui.tissueValueLabel.text = labels["tissue"]
         self.ui.warningsValueLabel.text = labels["warnings"]
         self.ui.resultsCollapsibleButton.collapsed = summary is None
 
@@ -508,6 +555,8 @@ class TumorPersonalizationLogic(ScriptedLoadableModuleLogic):
             missing += [f"{name} probability map" for name, node in (
                 ("WM", parameters.wmProbability), ("GM", parameters.gmProbability),
                 ("CSF", parameters.csfProbability)) if not node]
+        elif parameters.tissueInput == TISSUE_INPUTS[3] and not parameters.t1Volume:
+            missing.append("T1-weighted image")
         tumorNode = TumorPersonalizationLogic._tumorNodeOf(parameters)
         if not tumorNode:
             missing.append(parameters.tumorInput.lower())
@@ -523,14 +572,18 @@ class TumorPersonalizationLogic(ScriptedLoadableModuleLogic):
         missing = self.missingInputs(parameters)
         if missing:
             raise InputError("select: " + ", ".join(missing))
+        t1Node = None
         if parameters.tissueInput == TISSUE_INPUTS[0]:
             tissueNode = parameters.tissueSegmentation
         elif parameters.tissueInput == TISSUE_INPUTS[1]:
             tissueNode = parameters.tissueLabelmap
-        else:
+        elif parameters.tissueInput == TISSUE_INPUTS[2]:
             tissueNode = (parameters.wmProbability, parameters.gmProbability, parameters.csfProbability)
+        else:
+            tissueNode, t1Node = None, parameters.t1Volume
         return {
             "tissueNode": tissueNode,
+            "t1Node": t1Node,
             "tumorNode": self._tumorNodeOf(parameters),
             "tumorKind": "concentration" if parameters.tumorInput == TUMOR_INPUTS[0] else "segmentation",
             "segmentNames": {"wm": parameters.wmSegmentName, "gm": parameters.gmSegmentName,
@@ -538,6 +591,8 @@ class TumorPersonalizationLogic(ScriptedLoadableModuleLogic):
             "tissueLabels": {"csf": parameters.csfLabel, "gm": parameters.gmLabel, "wm": parameters.wmLabel},
             "tumorLabels": (parameters.necroticLabel, parameters.edemaLabel, parameters.enhancingLabel),
             "backgroundNode": parameters.background,
+            "lesionTissue": lesionTissueMode(parameters.lesionTissue),
+            "recurrenceNode": parameters.recurrence,
         }
 
     @staticmethod
@@ -575,8 +630,11 @@ class TumorPersonalizationLogic(ScriptedLoadableModuleLogic):
         return mrml.volume_from_node(tumorNode), kind
 
     @staticmethod
-    def defaultBackgroundNode(tissueNode):
-        """The image to show results over when none is chosen: the tissue segmentation's reference volume."""
+    def defaultBackgroundNode(tissueNode, t1Node=None):
+        """The image to show results over when none is chosen: the T1 when the tissue comes from one, else the
+        tissue segmentation's reference volume."""
+        if t1Node is not None:
+            return t1Node
         if tissueNode is not None and not isinstance(tissueNode, (list, tuple)) \
                 and tissueNode.IsA("vtkMRMLSegmentationNode"):
             return tissueNode.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole())
@@ -593,8 +651,12 @@ class TumorPersonalizationLogic(ScriptedLoadableModuleLogic):
         cancelled run raises TumorPersonalizationLib.progress.Cancelled and leaves the scene unchanged.
         options: segmentNames {"wm", "gm", "csf": name}, tissueLabels {"csf", "gm", "wm": value}, tumorKind,
         tumorLabels (NECROTIC, EDEMA, ENHANCING), backgroundNode, recurrenceNode (a later tumor segmentation or
-        label map, same labels: the share of it inside each plan goes to result.recurrence and the table).
-        nodes: {"infiltration", "plans", "seed", "table"}; a re-run with the same tumor node replaces them.
+        label map, same labels: the share of it inside each plan goes to result.recurrence and the table),
+        lesionTissue ("atlas" (default), "surround" or "keep": what fills the tumor-bearing tissue's lesion before
+        the fit), t1Node (a skull-stripped T1-weighted volume instead of a tissue: give tissueNode None; the tissue
+        is derived by registering the atlas to it, and the T1's grid is the grid of every output).
+        nodes: {"infiltration", "plans", "seed", "table", "tissue"} ("tissue": the tissue the model ran on, a hidden
+        segmentation with the refilled lesion outlined); a re-run with the same tumor node replaces them.
         """
         from TumorPersonalizationLib.observation import Observation
         from TumorPersonalizationLib.pipeline import personalize
@@ -602,10 +664,12 @@ class TumorPersonalizationLogic(ScriptedLoadableModuleLogic):
         options = dict(options)
         backgroundNode = options.pop("backgroundNode", None)
         recurrenceNode = options.pop("recurrenceNode", None)
-        tissue, tumorVolume, kind, tumorLabels = self._prepareInputs(tissueNode, tumorNode, options)
-        recurrence = self.recurrenceFromNode(recurrenceNode, tissue, tumorLabels)
+        lesionTissue = self._lesionTissueOption(options)
+        tissue, t1, tumorVolume, kind, tumorLabels = self._prepareInputs(tissueNode, tumorNode, options)
+        recurrence = self.recurrenceFromNode(recurrenceNode, tissue if tissue is not None else t1, tumorLabels)
         observation = Observation.from_volume(tumorVolume, kind=kind, labels=tumorLabels)
-        result = personalize(tissue, observation, method=method, device=device, progress=progress, cancel=cancel)
+        result = personalize(tissue, observation, method=method, device=device, progress=progress, cancel=cancel,
+                             lesion_tissue=lesionTissue, t1=t1)
         if recurrence is not None:
             from TumorPersonalizationLib.recurrence import add_recurrence
 
@@ -613,31 +677,49 @@ class TumorPersonalizationLogic(ScriptedLoadableModuleLogic):
         plans = {"standard": result.plans.standard, "model": result.plans.model,
                  "iso": getattr(result.plans, "iso", None)}
         nodes = self.showOutputs(result.to_dict(), result.concentration, plans, tumorNode,
-                                 backgroundNode or self.defaultBackgroundNode(tissueNode))
+                                 backgroundNode or self.defaultBackgroundNode(tissueNode, options.get("t1Node")),
+                                 tissue=result.tissue, lesion=mrml.refilled_lesion_mask(result.lesion))
         return result, nodes
 
     def recurrenceFromNode(self, recurrenceNode, tissue, tumorLabels: Sequence[int]):
         """The later tumor segmentation (segmentation node or label map volume) as a checked label Volume on any
         grid, or None without one; InputError (before any long work) when it is empty, has other labels or lies
-        outside the tissue image."""
+        outside the tissue image. tissue: the Tissue, or the T1 Volume, whose grid the outputs have."""
         if recurrenceNode is None:
             return None
         from TumorPersonalizationLib.recurrence import check_recurrence_labels, recurrence_on_grid
 
-        volume, _ = self.tumorVolumeFromNode(recurrenceNode, tissue.geometry, "segmentation", tumorLabels)
+        volume, _kind = self.tumorVolumeFromNode(recurrenceNode, tissue.geometry, "segmentation", tumorLabels)
         volume = check_recurrence_labels(volume, tumorLabels, f"recurrence '{recurrenceNode.GetName()}'")
         recurrence_on_grid(volume, tissue.geometry, tumorLabels)
         return volume
 
     def _prepareInputs(self, tissueNode, tumorNode, options: Dict[str, Any]):
-        unknown = set(options) - {"segmentNames", "tissueLabels", "tumorKind", "tumorLabels"}
+        """(tissue, t1, tumor volume, tumor kind, tumor labels): one of tissue (a Tissue) and t1 (a Volume, option
+        t1Node) is None; a tumor segmentation is put on the grid of the other, the grid of the outputs."""
+        unknown = set(options) - {"segmentNames", "tissueLabels", "tumorKind", "tumorLabels", "t1Node"}
         if unknown:
             raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
-        tissue = self.tissueFromNode(tissueNode, options.get("segmentNames"), options.get("tissueLabels"))
+        t1Node = options.get("t1Node")
+        tissue, t1 = None, None
+        if t1Node is not None:
+            if tissueNode is not None:
+                raise InputError("give either a tissue or a T1 image, not both")
+            t1 = mrml.t1_from_node(t1Node)
+        else:
+            tissue = self.tissueFromNode(tissueNode, options.get("segmentNames"), options.get("tissueLabels"))
         tumorLabels = tuple(int(v) for v in options.get("tumorLabels") or DEFAULT_TUMOR_LABELS)
-        tumorVolume, kind = self.tumorVolumeFromNode(tumorNode, tissue.geometry, options.get("tumorKind"),
-                                                     tumorLabels)
-        return tissue, tumorVolume, kind, tumorLabels
+        grid = (tissue if tissue is not None else t1).geometry
+        tumorVolume, kind = self.tumorVolumeFromNode(tumorNode, grid, options.get("tumorKind"), tumorLabels)
+        return tissue, t1, tumorVolume, kind, tumorLabels
+
+    @staticmethod
+    def _lesionTissueOption(options: Dict[str, Any]) -> str:
+        """Pop the lesionTissue option (default DEFAULT_LESION_TISSUE); InputError for an unknown mode."""
+        mode = options.pop("lesionTissue", None) or DEFAULT_LESION_TISSUE
+        if mode not in LESION_TISSUE_MODES:
+            raise InputError(f"unknown lesion tissue {mode!r}: choose one of {', '.join(LESION_TISSUE_MODES)}")
+        return mode
 
     # ---- background run (panel) ---------------------------------------------------------------------------------
     def startBackgroundRun(self, tissueNode, tumorNode, method: Optional[str] = None, device: str = "auto",
@@ -646,14 +728,21 @@ class TumorPersonalizationLogic(ScriptedLoadableModuleLogic):
         poll (BackgroundRun.poll) and, when it ended with code 0, to load with loadOutputs(run.outputDirectory,
         run.anchorNode, run.backgroundNode). Options as for personalize."""
         options = dict(options)
-        backgroundNode = options.pop("backgroundNode", None) or self.defaultBackgroundNode(tissueNode)
+        backgroundNode = options.pop("backgroundNode", None) or self.defaultBackgroundNode(
+            tissueNode, options.get("t1Node"))
         recurrenceNode = options.pop("recurrenceNode", None)
-        tissue, tumorVolume, kind, tumorLabels = self._prepareInputs(tissueNode, tumorNode, options)
-        recurrence = self.recurrenceFromNode(recurrenceNode, tissue, tumorLabels)
+        lesionTissue = self._lesionTissueOption(options)
+        tissue, t1, tumorVolume, kind, tumorLabels = self._prepareInputs(tissueNode, tumorNode, options)
+        recurrence = self.recurrenceFromNode(recurrenceNode, tissue if tissue is not None else t1, tumorLabels)
         workDirectory = Path(tempfile.mkdtemp(prefix="TumorPersonalization-"))
         try:
-            tissuePath, tumorPath = workDirectory / "tissue.nii.gz", workDirectory / "tumor.nii.gz"
-            self.writeTissueFractions(tissue, tissuePath)
+            tissuePath, t1Path, tumorPath = None, None, workDirectory / "tumor.nii.gz"
+            if t1 is not None:
+                t1Path = workDirectory / "t1.nii.gz"
+                t1.save(t1Path)
+            else:
+                tissuePath = workDirectory / "tissue.nii.gz"
+                self.writeTissueFractions(tissue, tissuePath)
             tumorVolume.save(tumorPath)
             recurrencePath = None
             if recurrence is not None:
@@ -661,7 +750,8 @@ class TumorPersonalizationLogic(ScriptedLoadableModuleLogic):
                 recurrence.save(recurrencePath)
             outputDirectory = workDirectory / "output"
             command = self.personalizeCommand(tissuePath, tumorPath, kind, tumorLabels, method, device,
-                                              outputDirectory, recurrencePath=recurrencePath)
+                                              outputDirectory, recurrencePath=recurrencePath, t1Path=t1Path,
+                                              lesionTissue=lesionTissue)
             with open(workDirectory / "progress.log", "wb") as progressFile, \
                     open(workDirectory / "stdout.log", "wb") as outputFile:
                 # A process tree of its own, so that Cancel also ends the interpreter the launcher starts.
@@ -675,14 +765,21 @@ class TumorPersonalizationLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def personalizeCommand(tissuePath, tumorPath, tumorKind: str, tumorLabels: Sequence[int],
-                           method: Optional[str], device: str, outputDirectory, recurrencePath=None) -> List[str]:
-        """The command line of a background run (machine-readable progress on stderr)."""
-        command = [TumorPersonalizationLogic.pythonExecutable(), "-m", "TumorPersonalizationLib.cli", "personalize",
-                   "--tissue", str(tissuePath), "--tumor", str(tumorPath), "--tumor-kind", tumorKind]
+                           method: Optional[str], device: str, outputDirectory, recurrencePath=None, t1Path=None,
+                           lesionTissue: Optional[str] = None) -> List[str]:
+        """The command line of a background run (machine-readable progress on stderr). Give tissuePath (--tissue)
+        or, for a tissue derived from a T1, tissuePath None and t1Path (--t1)."""
+        if (tissuePath is None) == (t1Path is None):
+            raise InputError("give either a tissue file or a T1 file to the command line, not both or neither")
+        tissueArguments = ["--t1", str(t1Path)] if t1Path is not None else ["--tissue", str(tissuePath)]
+        command = [TumorPersonalizationLogic.pythonExecutable(), "-m", "TumorPersonalizationLib.cli", "personalize"] \
+            + tissueArguments + ["--tumor", str(tumorPath), "--tumor-kind", tumorKind]
         if tumorKind == "segmentation":
             command += ["--tumor-labels"] + [str(int(v)) for v in tumorLabels]
         if recurrencePath is not None:
             command += ["--recurrence", str(recurrencePath), "--recurrence-labels"] + [str(int(v)) for v in tumorLabels]
+        if lesionTissue:
+            command += ["--lesion-tissue", lesionTissue]
         if method:
             command += ["--method", method]
         command += ["--device", device or "auto", "--progress", "json", "--out-dir", str(outputDirectory)]
@@ -725,9 +822,11 @@ class TumorPersonalizationLogic(ScriptedLoadableModuleLogic):
 
     # ---- results -> scene ---------------------------------------------------------------------------------------
     def loadOutputs(self, outputDirectory, anchorNode, backgroundNode=None):
-        """Read a command-line output folder (parameters.json, infiltration.nii.gz, plan_*.nii.gz) into nodes beside
-        anchorNode (the tumor input). Returns (summary, nodes)."""
+        """Read a command-line output folder (parameters.json, infiltration.nii.gz, plan_*.nii.gz, tissue.nii.gz)
+        into nodes beside anchorNode (the tumor input). Returns (summary, nodes). The folder holds no lesion mask, so
+        the model tissue is shown without the refilled lesion's outline."""
         from TumorPersonalizationLib.geometry import Volume
+        from TumorPersonalizationLib.tissue import Tissue
 
         outputDirectory = Path(outputDirectory)
         parametersPath = outputDirectory / "parameters.json"
@@ -743,15 +842,24 @@ class TumorPersonalizationLogic(ScriptedLoadableModuleLogic):
                 if not plan.geometry.same_grid(concentration.geometry):
                     raise InputError(f"{path.name} is not on the infiltration map's grid")
                 plans[key] = plan.array
-        return summary, self.showOutputs(summary, concentration, plans, anchorNode, backgroundNode)
+        tissue = None
+        tissuePath = outputDirectory / "tissue.nii.gz"
+        if tissuePath.exists():
+            tissue = Tissue.from_file(tissuePath)
+            if not tissue.geometry.same_grid(concentration.geometry):
+                raise InputError(f"{tissuePath.name} is not on the infiltration map's grid")
+        return summary, self.showOutputs(summary, concentration, plans, anchorNode, backgroundNode, tissue=tissue)
 
     def showOutputs(self, summary: Dict[str, Any], concentration, plans: Dict[str, Any], anchorNode,
-                    backgroundNode=None) -> Dict[str, Any]:
+                    backgroundNode=None, tissue=None, lesion=None) -> Dict[str, Any]:
         """Create or update the output nodes of the run on anchorNode (the tumor input): infiltration volume,
-        target-plan segmentation, seed point, results table; placed beside the anchor in the subject hierarchy."""
+        target-plan segmentation, seed point, results table, and with `tissue` (the Tissue the model ran on) its
+        hidden "model tissue" segmentation with `lesion` (bool mask, or None) outlined; placed beside the anchor in
+        the subject hierarchy."""
         scene = anchorNode.GetScene() if anchorNode is not None and anchorNode.GetScene() else slicer.mrmlScene
         baseName = anchorNode.GetName() if anchorNode is not None else "Tumor"
-        nodes = mrml.result_nodes(scene, summary, concentration, plans, baseName, self.outputNodes(anchorNode))
+        nodes = mrml.result_nodes(scene, summary, concentration, plans, baseName, self.outputNodes(anchorNode),
+                                  tissue=tissue, lesion=lesion)
         for key, node in nodes.items():
             mrml.place_beside(node, anchorNode)
             if anchorNode is not None:
@@ -799,6 +907,7 @@ class TumorPersonalizationLogic(ScriptedLoadableModuleLogic):
             "loss": number("loss", ".4g"),
             "runtime": "-" if summary.get("runtime_s") is None else f"{float(summary['runtime_s']):.1f} s",
             "plans": ", ".join(planParts) or "-",
+            "tissue": mrml.tissue_summary_text(summary.get("tissue")),
             "warnings": "\n".join(str(w) for w in warnings) or "none",
         }
 
@@ -862,6 +971,8 @@ class TumorPersonalizationTest(ScriptedLoadableModuleTest):
                                                               PLAN_SEGMENT_NAMES["model"]])
         table = mrml.dict_from_table_node(nodes["table"])
         self.assertAlmostEqual(float(table["mu_d_mm"]), result.parameters.mu_d_mm, places=3)
+        self.assertEqual(table["tissue.source"], "atlas", "the lesion refilled from the atlas by default")
+        self.assertEqual(mrml.segment_names(nodes["tissue"])[:3], ["WM", "GM", "CSF"], "the model tissue is shown")
 
         # The panel's path: the command line in the background interpreter (PythonSlicer in the application), whose
         # environment is Slicer's (no matplotlib), its outputs written and loaded back. The fast method keeps the
@@ -875,4 +986,5 @@ class TumorPersonalizationTest(ScriptedLoadableModuleTest):
             run.cleanup()
         self.assertIn(summary.get("report_png"), ("written", REPORT_SKIPPED), "report.png written or skipped")
         self.assertIs(backgroundNodes["infiltration"], nodes["infiltration"], "the re-run replaced the outputs")
+        self.assertIs(backgroundNodes["tissue"], nodes["tissue"], "the model tissue read back from tissue.nii.gz")
         self.delayDisplay("Test passed")

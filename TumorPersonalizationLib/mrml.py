@@ -176,6 +176,17 @@ def volume_from_node(node) -> Volume:
     return Volume(array, geometry_from_node(node))
 
 
+def t1_from_node(node) -> Volume:
+    """A T1-weighted scalar volume node as a float32 Volume (geometry in world RAS), for personalize(t1=...).
+    InputError when no node is given or it is a label map (a segmentation, not an image)."""
+    if node is None:
+        raise InputError("no T1-weighted image selected")
+    if node.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise InputError(f"'{node.GetName()}' is a label map; the T1 must be a (skull-stripped) T1-weighted image")
+    volume = volume_from_node(node)
+    return Volume(volume.array.astype(np.float32, copy=False), volume.geometry)
+
+
 def tissue_from_labelmap_node(node, labels: TissueLabels = TissueLabels()) -> Tissue:
     """Tissue from a label map volume node (CSF=1, GM=2, WM=3 unless other labels are given)."""
     return Tissue.from_labelmap(volume_from_node(node), labels)
@@ -696,6 +707,41 @@ def model_tissue_to_segmentation_node(scene, tissue: Tissue, lesion: Optional[np
         # The tissue stays in the scene to inspect, but hidden: the infiltration map is what the user came for.
         display.SetVisibility(False)
     return node
+
+
+# How the tissue the model ran on was made (parameters.json "tissue" block, lesion.LesionTissue.source).
+TISSUE_SOURCE_TEXTS = {
+    "atlas": "lesion refilled from the registered atlas",
+    "surround": "lesion refilled from the surrounding WM/GM",
+    "keep": "as given (lesion kept)",
+    "t1": "derived from the T1 (atlas registered to it)",
+}
+
+
+def refilled_lesion_mask(lesion_tissue) -> Optional[np.ndarray]:
+    """The mask to outline as "Refilled lesion" over the model tissue: the lesion of a LesionTissue whose lesion was
+    refilled (source "atlas" or "surround"); None without one, when the tissue was kept as given, or derived from a
+    T1 (nothing was refilled there)."""
+    if lesion_tissue is None or lesion_tissue.source not in ("atlas", "surround"):
+        return None
+    return np.asarray(lesion_tissue.lesion, bool)
+
+
+def tissue_summary_text(tissue_block: Optional[Mapping]) -> str:
+    """One line on the tissue the model ran on, from parameters.json's "tissue" block ({source, lesion_cm3,
+    refilled_cm3, registration_quality, runtime_s}); "-" without one."""
+    if not tissue_block:
+        return "-"
+    source = tissue_block.get("source")
+    parts = [TISSUE_SOURCE_TEXTS.get(source, str(source))]
+    refilled, lesion = tissue_block.get("refilled_cm3"), tissue_block.get("lesion_cm3")
+    if source in ("atlas", "surround") and refilled is not None:
+        parts.append(f"{float(refilled):.1f} cm\u00b3 refilled"
+                     + (f" of a {float(lesion):.1f} cm\u00b3 lesion" if lesion is not None else ""))
+    quality = tissue_block.get("registration_quality")
+    if quality is not None:
+        parts.append(f"registration quality {float(quality):.2f}")
+    return ", ".join(parts)
 
 
 def result_nodes(scene, summary: Mapping, concentration: Volume, plans: Mapping[str, Optional[np.ndarray]],
