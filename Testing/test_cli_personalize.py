@@ -14,7 +14,8 @@ from TumorPersonalizationLib.geometry import Geometry, Volume
 from TumorPersonalizationLib.registry import SHIPPED_MODELS
 
 TRUTH = GrowthParameters((28.0, -12.0, 24.0), 6.0, 2.5)
-OUTPUTS = {"parameters.json", "infiltration.nii.gz", "report.png", "plan_standard.nii.gz", "plan_model.nii.gz"}
+OUTPUTS = {"parameters.json", "infiltration.nii.gz", "tissue.nii.gz", "report.png", "plan_standard.nii.gz",
+           "plan_model.nii.gz"}
 
 
 @pytest.fixture(scope="module")

@@ -421,7 +421,7 @@ def test_personalize_writes_the_forward_run_of_its_parameters(atlas_case, tmp_pa
     assert result.fit["ncc"] > 0.99
     out = write_outputs(result, tmp_path / "out")
     names = {p.name for p in out.iterdir()}
-    assert names == {"parameters.json", "infiltration.nii.gz", "report.png", "plan_standard.nii.gz",
+    assert names == {"parameters.json", "infiltration.nii.gz", "tissue.nii.gz", "report.png", "plan_standard.nii.gz",
                      "plan_model.nii.gz", "plan_iso.nii.gz"}
     written = json.loads((out / "parameters.json").read_text())
     from TumorPersonalizationLib.geometry import Volume
