@@ -57,8 +57,8 @@ BOX_MARGIN_MM = 15.0
 FIELD_SPACING_MM = 4.0
 # Quality thresholds (see the benchmark benchmarks/registration.py and Testing/test_registration.py for the figures
 # they sit between).
-TISSUE_QUALITY_THRESHOLD = 0.75
-T1_QUALITY_THRESHOLD = 0.6
+TISSUE_QUALITY_THRESHOLD = 0.6
+T1_QUALITY_THRESHOLD = 0.5
 # A skull-stripped brain (with its CSF) fills 1.0-2.0 litres (the template's own mask, a large brain: 1.89 l; scaled
 # by 1.05 along each axis, 2.2 l); a head with its skull and scalp 3.5 l and more. Above SKULL_VOLUME_L, or a
 # foreground longer than SKULL_EXTENT_MM along a RAS axis (a brain is at most ~200 mm long, a head with its neck well
@@ -293,7 +293,7 @@ def tissue_from_t1(t1, lesion_mask: Optional[np.ndarray] = None, progress=None, 
 
 def warp_atlas_tissue(atlas: Tissue, transform, target: Geometry, finest_mm: Optional[float] = None) -> Tissue:
     """The atlas's fractions pulled back onto `target` through `transform` (target points -> atlas points, LPS),
-    by linear interpolation; outside the atlas: background.
+    by linear interpolation (renormalised where the sum of the three exceeds 1); outside the atlas: background.
 
     The transform is sampled once as a displacement field on a FIELD_SPACING_MM copy of the target grid and
     interpolated linearly from there: a B-spline evaluated at each of a 1 mm brain's millions of voxels costs ten
@@ -327,6 +327,13 @@ def warp_atlas_tissue(atlas: Tissue, transform, target: Geometry, finest_mm: Opt
         if fine is not sub:
             values = block_mean(values, factors_ijk[::-1], sub.shape_kji)
         maps[n][inside] = values
+    # The bundled atlas stores each fraction rounded to 1/255, so their sum reaches 1 + 1.5/255 in places; a
+    # tissue's fractions sum to at most 1.
+    total = maps[0] + maps[1] + maps[2]
+    over = total > 1.0
+    if over.any():
+        for array in maps:
+            array[over] /= total[over]
     return Tissue(*maps, target)
 
 
@@ -588,9 +595,9 @@ def _refuse_skull(foreground: np.ndarray, grid: Geometry) -> None:
     ras = grid.index_kji_to_ras(np.argwhere(closed)) if closed.any() else np.zeros((1, 3))
     extent = float((ras.max(axis=0) - ras.min(axis=0)).max()) + max(grid.spacing_ijk_mm)
     if volume_l > SKULL_VOLUME_L or extent > SKULL_EXTENT_MM:
-        raise InputError(f"the image looks like a T1 with the skull (foreground {volume_l:.1f} l, {extent:.0f} mm "
-                         f"long; a stripped brain is 1.0-2.2 l, under 200 mm): skull-strip it first (e.g. HD-BET or "
-                         f"SynthStrip), then give the stripped T1")
+        raise InputError(f"the image looks like a T1 with the skull: skull-strip it first (e.g. HD-BET or "
+                         f"SynthStrip) and give the stripped T1 (its foreground is {volume_l:.1f} l and {extent:.0f} mm "
+                         f"long; a stripped brain is 1.0-2.2 l and under 200 mm)")
 
 
 def _quality_ncc(fixed: np.ndarray, lesion_coarse: np.ndarray, region: np.ndarray, grid: Geometry, moving_image,
