@@ -411,21 +411,19 @@ def _affine_stage(init_image, fixed_image, mask_image, moving_image, metric, rig
 
     initial = sitk.CenteredTransformInitializer(init_image, moving_image, sitk.Euler3DTransform(),
                                                 sitk.CenteredTransformInitializerFilter.MOMENTS)
-    stages = []
     if rigid_first:
-        stages.append(("rigid", initial, [4, 2], [2.0, 1.0], 100))
-    for index, (name, transform, shrink, sigma, iterations) in enumerate(stages):
-        _register(fixed_image, mask_image, moving_image, transform, metric, None, shrink, sigma, iterations,
-                  sub_progress(progress, 0.0, 0.4, name), cancel, learning_rate=2.0, sampling=0.25)
+        _register(fixed_image, mask_image, moving_image, initial, metric, None, [4, 2], [2.0, 1.0], 100,
+                  sub_progress(progress, 0.0, 0.4, "rigid"), cancel, learning_rate=2.0, sampling=0.25)
+    euler = sitk.Euler3DTransform(initial)  # older SimpleITK returns the initializer's result as a plain Transform
     affine = sitk.AffineTransform(3)
-    euler = sitk.Euler3DTransform(initial)
     affine.SetCenter(euler.GetCenter())
     affine.SetMatrix(euler.GetMatrix())
     affine.SetTranslation(euler.GetTranslation())
-    start = 0.4 if rigid_first else 0.0
-    _register(fixed_image, mask_image, moving_image, affine, metric, None, [4, 2, 1] if not rigid_first else [2, 1],
-              [2.0, 1.0, 0.0] if not rigid_first else [1.0, 0.0], 150,
-              sub_progress(progress, start, 1.0, "affine"), cancel, learning_rate=2.0, sampling=0.25)
+    # After a rigid stage the affine starts close: its two finer levels suffice.
+    shrink, sigmas = ([2, 1], [1.0, 0.0]) if rigid_first else ([4, 2, 1], [2.0, 1.0, 0.0])
+    _register(fixed_image, mask_image, moving_image, affine, metric, None, shrink, sigmas, 150,
+              sub_progress(progress, 0.4 if rigid_first else 0.0, 1.0, "affine"), cancel, learning_rate=2.0,
+              sampling=0.25)
     return affine
 
 
