@@ -10,6 +10,7 @@ import pytest
 from TumorPersonalizationLib.geometry import Geometry, Volume
 from TumorPersonalizationLib.pipeline import write_outputs
 from TumorPersonalizationLib.report import REPORT_SKIPPED
+from TumorPersonalizationLib.tissue import Tissue
 
 
 def _stand_in_result():
@@ -19,14 +20,17 @@ def _stand_in_result():
     plans = SimpleNamespace(standard=(concentration > 0).astype(np.uint8), model=(concentration > 0.5).astype(np.uint8),
                             iso=None)
     summary = {"seed_ras_mm": [6.0, 8.0, 6.0], "mu_d_mm": 5.0, "mu_rho": 2.0, "loss": 0.1, "warnings": ["earlier"]}
-    return SimpleNamespace(concentration=Volume(concentration, geometry), plans=plans, to_dict=lambda: dict(summary))
+    ones = np.ones(geometry.shape_kji, np.float32)
+    tissue = Tissue(ones, 0 * ones, 0 * ones, geometry)
+    return SimpleNamespace(concentration=Volume(concentration, geometry), plans=plans, tissue=tissue,
+                           to_dict=lambda: dict(summary))
 
 
 def test_write_outputs_without_matplotlib_skips_the_picture_and_says_so(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import matplotlib now fails
     out = write_outputs(_stand_in_result(), tmp_path / "out")
     assert sorted(p.name for p in out.iterdir()) == ["infiltration.nii.gz", "parameters.json", "plan_model.nii.gz",
-                                                     "plan_standard.nii.gz"]
+                                                     "plan_standard.nii.gz", "tissue.nii.gz"]
     written = json.loads((out / "parameters.json").read_text())
     assert written["report_png"] == REPORT_SKIPPED
     assert written["warnings"] == ["earlier", REPORT_SKIPPED]
