@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from test_slicer_module_static import LIBRARY_DIRECTORY, MODULE_DIRECTORY, REPOSITORY, cmake_list
 
@@ -73,3 +74,11 @@ def test_library_loads_atlas_and_models_from_the_installed_layout(tmp_path):
     # The module's own resources sit in the same Resources/ folder.
     assert (installed / "Resources" / "UI" / "TumorPersonalization.ui").is_file()
     assert (installed / "TumorPersonalization.py").is_file()
+
+
+def test_resources_models_holds_only_the_shipped_models_and_their_cards():
+    from TumorPersonalizationLib.registry import SHIPPED_MODELS
+
+    models = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+    expected = {f"{name}{suffix}" for name in SHIPPED_MODELS.values() for suffix in (".pt", ".json")}
+    assert {p.name for p in models.iterdir()} == expected

@@ -14,7 +14,7 @@ from .imageio import sha256_file
 
 # The models personalisation loads by default and the Slicer extension ships, by kind: the one place their names
 # are set. A retrained pair is switched here (the CMake resource list is checked against it by
-# Testing/test_slicer_module_static.py); the cards of replaced models stay in Resources/Models as provenance.
+# Testing/test_slicer_module_static.py); the cards of replaced models move to scripts/recipes/cards as provenance.
 SHIPPED_MODELS: Dict[str, str] = {"surrogate": "surrogate32_v3", "inverse": "inverse32_v2"}
 
 
