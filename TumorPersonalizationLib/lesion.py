@@ -14,7 +14,9 @@ lesion the WM/GM/CSF fractions come from one of:
   registration fails its own quality check, the lesion is refilled from its surroundings instead, with a warning.
 - "surround": the WM/GM fractions of the nearest healthy brain voxel outside the lesion (no CSF).
 - "keep": nothing changes (the given tissue is taken as healthy).
-Voxels outside the lesion never change.
+Voxels outside the lesion never change, and neither do lesion voxels outside the head: the given tissue's voxels
+(WM+GM+CSF >= 0.5) with their holes filled, so a core cut out of the brain is refilled while a "tumor" drawn in the
+background (a misaligned segmentation) stays outside the brain and is refused as such.
 """
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -99,6 +101,8 @@ def refill_lesion(tissue: Tissue, visible: np.ndarray, mode: str = DEFAULT_LESIO
     if mode not in LESION_TISSUE_MODES:
         raise InputError(f"unknown lesion tissue {mode!r}: choose one of {', '.join(LESION_TISSUE_MODES)}")
     lesion = lesion_mask(visible, tissue.geometry, grow_mm)
+    if mode != "keep":
+        lesion &= head_mask(tissue)
     if mode == "keep":
         return LesionTissue(tissue, lesion, "keep", 0.0, runtime_s=time.perf_counter() - started)
 
@@ -134,6 +138,19 @@ def refill_lesion(tissue: Tissue, visible: np.ndarray, mode: str = DEFAULT_LESIO
                     f"(visible tumor + {grow_mm:g} mm) now holds healthy tissue from {what}")
     report(progress, 1.0, "lesion refilled")
     return LesionTissue(result, lesion, source, refilled_cm3, quality, time.perf_counter() - started, warnings)
+
+
+def head_mask(tissue: Tissue) -> np.ndarray:
+    """Voxels inside the head: tissue (WM+GM+CSF >= 0.5) and the holes it encloses (a core labelled background)."""
+    from scipy.ndimage import binary_fill_holes
+
+    occupied = (tissue.wm + tissue.gm + tissue.csf) >= 0.5
+    if not np.any(occupied):
+        raise InputError("the tissue holds no WM, GM or CSF")
+    box = mask_box(occupied, 1)
+    head = np.zeros(occupied.shape, bool)
+    head[box] = binary_fill_holes(occupied[box])
+    return head
 
 
 def _cm3(mask: np.ndarray, tissue: Tissue) -> float:
