@@ -61,7 +61,7 @@ from TumorPersonalizationLib import mrml, processes, slicer_deps  # noqa: E402  
 from TumorPersonalizationLib.constants import DEFAULT_METHOD, METHODS as LIBRARY_METHODS  # noqa: E402
 from TumorPersonalizationLib.errors import InputError  # noqa: E402
 from TumorPersonalizationLib.lesion import DEFAULT_LESION_TISSUE, LESION_TISSUE_MODES  # noqa: E402
-from TumorPersonalizationLib.report import REPORT_SKIPPED  # noqa: E402
+from TumorPersonalizationLib.figures import REPORT_SKIPPED  # noqa: E402
 
 # Methods of TumorPersonalizationLib.inversion; the panel shows the library's default first, the others under Advanced.
 METHODS = (DEFAULT_METHOD,) + tuple(m for m in LIBRARY_METHODS if m != DEFAULT_METHOD)

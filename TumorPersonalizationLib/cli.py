@@ -126,7 +126,7 @@ def _summary(tissue, concentration, parameters, runtime_s):
 
 def command_simulate(args) -> int:
     from .parameters import GrowthParameters
-    from .report import save_concentration_figure
+    from .figures import save_concentration_figure
 
     out = _check_output_path(Path(args.out))
     if args.picture:

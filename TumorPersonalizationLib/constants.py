@@ -29,7 +29,7 @@ CORE_THRESHOLD = 0.675
 VISIBLE_THRESHOLDS = (EDEMA_THRESHOLD, CORE_THRESHOLD)
 
 # ---- inversion methods ----------------------------------------------------------------------------------------------
-# Names of the inversion methods (inversion.py) and the default: the most accurate method whose median wall time
+# Names of the inversion methods (inversion/methods.py) and the default: the most accurate method whose median wall time
 # stays within 30 s on 2 CPU cores on brains other than the bundled atlas (benchmarks/inversion.py: the shifted
 # brains and nipype's brain). hybrid-fd refines with FD gradients, so a surrogate that is wrong on an unfamiliar
 # brain cannot pull its answer away; hybrid is faster on the atlas but its worst cases on other brains are far worse.

@@ -50,8 +50,8 @@ sys.path.insert(0, str(ROOT))
 
 from TumorPersonalizationLib.atlas import load_atlas  # noqa: E402
 from TumorPersonalizationLib.constants import CORE_THRESHOLD, DEFAULT_METHOD, EDEMA_THRESHOLD  # noqa: E402
-from TumorPersonalizationLib.dataset import RECIPES, Prior, draw_physical, with_days  # noqa: E402
-from TumorPersonalizationLib.evaluation import summarise  # noqa: E402
+from TumorPersonalizationLib.offline.dataset import RECIPES, Prior, draw_physical, with_days  # noqa: E402
+from TumorPersonalizationLib.offline.evaluation import summarise  # noqa: E402
 from TumorPersonalizationLib.inversion import InversionOptions  # noqa: E402
 from TumorPersonalizationLib.metrics import compare, tumor_volume_cm3  # noqa: E402
 from TumorPersonalizationLib.observation import Observation  # noqa: E402
@@ -88,7 +88,7 @@ LEGACY_MODELS = {"direct": ("inverse32",), "gb-surrogate": ("inverse32", "surrog
 # 2 for the methods that start from the inverse net: its answer is averaged with its answer to the left-right
 # mirrored input (InversionOptions.inverse_mirror_average). 3 for hybrid: a close call of the working grid's judge
 # is judged again on the tissue's grid (InversionOptions.tissue_judge_ratio; hybrid-fd's start is chosen as before).
-# 4 for hybrid: that judge's cap prices each run by the work its plan will do (solver.plan_run), not by the clock.
+# 4 for hybrid: that judge's cap prices each run by the work its schedule will do (solver.schedule_run), not by the clock.
 METHOD_REVISIONS = {"cma-surrogate": 2, "cma-solver": 2, "direct": 2, "gb-surrogate": 2, "hybrid": 4,
                     "hybrid-fd": 2}
 # Whether `personalize` held numpy's BLAS to one thread (pipeline.blas_single_threaded, with threadpoolctl): rows
@@ -141,14 +141,14 @@ class Cases:
 
     def anatomy(self, index: int):
         """Case index's anatomy draw (shifted brains only; another stream than the tumor's)."""
-        from TumorPersonalizationLib.augment import draw_anatomy
+        from TumorPersonalizationLib.offline.augment import draw_anatomy
 
         return draw_anatomy(np.random.default_rng([self.seed, index, SHIFTED_ANATOMY_STREAM]), SHIFTED_ANATOMY)
 
     def tissue_of(self, index: int):
         """Case index's brain: the atlas, nipype's brain (built once), or the case's drawn deformation of the atlas
         (~10 s to build; the last 5 are kept, a block of tasks)."""
-        from TumorPersonalizationLib.augment import apply_anatomy
+        from TumorPersonalizationLib.offline.augment import apply_anatomy
 
         if self.brain_kind == "atlas":
             return self.atlas

@@ -235,7 +235,7 @@ def save_outputs(nodes, summary, out_dir: Path, result=None) -> Path:
     temporary = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=str(out_dir.parent)))
     try:
         if result is not None:  # before parameters.json, which records whether the picture was drawn
-            from TumorPersonalizationLib.report import save_result_figure_if_possible
+            from TumorPersonalizationLib.figures import save_result_figure_if_possible
 
             skipped = save_result_figure_if_possible(temporary / "report.png", result)
             summary["report_png"] = skipped or "written"
