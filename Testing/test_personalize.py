@@ -231,26 +231,24 @@ def test_hybrid_judges_a_close_call_again_on_the_tissue_grid(atlas_case, monkeyp
             assert winner.final is None
 
 
-def test_hybrid_prices_the_runner_up_by_its_plan(atlas_case, monkeypatch):
+def test_hybrid_prices_the_runner_up_by_its_schedule(atlas_case, monkeypatch):
     """The close-call cap predicts each run's cost from the work its schedule will do, not from the clock: a runner-up
     is judged on the tissue's grid exactly when the networks, all working-grid runs and both tissue-grid runs fit in
     tissue_judge_max_runs runs of the winner; a runner-up with a larger mu_D (its run costs several of the winner's)
-    needs a larger budget than one with a smaller mu_D; a longer search so far changes nothing; and a runner-up too
-    dear to judge does not stop a cheaper one behind it from being judged."""
+    needs a larger budget than one with a smaller mu_D; and a longer search so far changes nothing."""
     import TumorPersonalizationLib.inversion.methods as methods
 
     tissue, hidden = atlas_case
     winner = Candidate(TRUTH, "gb-surrogate", surrogate_loss=0.0)
     cheap = Candidate(replace(TRUTH, mu_d_mm=0.7 * TRUTH.mu_d_mm), "direct")
-    dear = Candidate(replace(TRUTH, mu_d_mm=1.6 * TRUTH.mu_d_mm), "gb-surrogate (seed held)")
-    working_losses = {"gb-surrogate": 1.0, "gb-surrogate (seed held)": 1.4, "direct": 1.5}
+    dear = Candidate(replace(TRUTH, mu_d_mm=1.6 * TRUTH.mu_d_mm), "direct")
+    working_losses = {"gb-surrogate": 1.0, "direct": 1.5}
     monkeypatch.setattr(methods.Problem, "fd_loss",
                         lambda self, c, stage: replace(c, fd_loss=working_losses[c.source]))
 
-    def problem_with(max_runs, seed_held=False):
+    def problem_with(max_runs):
         problem, _ = prepare_problem(tissue, Observation.from_volume(hidden), device="cpu", working_spacing_mm=3.0,
-                                     options=InversionOptions(tissue_judge_ratio=2.0, tissue_judge_max_runs=max_runs,
-                                                              hybrid_seed_held=seed_held))
+                                     options=InversionOptions(tissue_judge_ratio=2.0, tissue_judge_max_runs=max_runs))
         problem.log.started -= 1e4  # as if the networks had taken hours: the cap does not read the clock
         return problem
 
@@ -264,7 +262,7 @@ def test_hybrid_prices_the_runner_up_by_its_plan(atlas_case, monkeypatch):
         return (spent + unit + probe.predicted_run_s(runner_up.parameters, tissue_grid=True)) / unit
 
     assert runs_needed(dear, (winner, dear)) > runs_needed(cheap, (winner, cheap)) + 1.0
-    monkeypatch.setattr(methods, "gb_surrogate", lambda p, start, hold_seed=False: dear if hold_seed else winner)
+    monkeypatch.setattr(methods, "gb_surrogate", lambda p, start: winner)
     for runner_up in (cheap, dear):
         monkeypatch.setattr(methods, "direct", lambda p, c=runner_up: c)
         threshold = runs_needed(runner_up, (winner, runner_up))
@@ -272,13 +270,6 @@ def test_hybrid_prices_the_runner_up_by_its_plan(atlas_case, monkeypatch):
             problem = problem_with(budget)
             hybrid(problem)
             assert problem.tissue_runs == runs and problem.close_calls_not_judged == 2 - runs
-    # Three candidates (the seed-held fit too), ranked winner, dear, cheap: dear is left out, cheap is judged.
-    monkeypatch.setattr(methods, "direct", lambda p: cheap)
-    three = (winner, dear, cheap)
-    problem = problem_with(0.5 * (runs_needed(cheap, three) + runs_needed(dear, three)), seed_held=True)
-    chosen = hybrid(problem)
-    assert problem.tissue_runs == 2 and problem.close_calls_not_judged == 1
-    assert chosen.parameters in (winner.parameters, cheap.parameters) and chosen.final is not None
 
 
 def test_hybrid_fd_starts_from_the_working_grids_choice_without_tissue_grid_runs(atlas_case, monkeypatch):
@@ -317,45 +308,6 @@ def test_personalize_takes_the_judges_tissue_grid_run_as_its_final_run(atlas_cas
                       working_spacing_mm=3.0, options=InversionOptions(tissue_judge_ratio=0.0))
     assert off.provenance["fd_runs_tissue_grid"] == 1
     assert [h["stage"] for h in off.history][-1] == "final FD run (tissue grid)"
-
-
-def test_gb_surrogate_with_the_seed_held_fits_mu_only(atlas_case):
-    tissue, hidden = atlas_case
-    problem, _ = prepare_problem(tissue, Observation.from_volume(hidden), device="cpu")
-    start = perturbed(TRUTH)
-    result = gb_surrogate(problem, start, hold_seed=True)
-    held_seed = problem.network_space().project(start.parameters).seed_ras_mm
-    np.testing.assert_allclose(result.parameters.seed_ras_mm, held_seed, atol=1e-9)
-    assert result.source == "gb-surrogate (seed held)"
-    # mu_D and mu_rho did move: from 30 % off towards the truth
-    assert abs(result.parameters.mu_d_mm - TRUTH.mu_d_mm) < abs(start.parameters.mu_d_mm - TRUTH.mu_d_mm)
-    assert abs(result.parameters.mu_rho - TRUTH.mu_rho) < abs(start.parameters.mu_rho - TRUTH.mu_rho)
-
-
-def test_hybrid_with_the_seed_held_judges_three_candidates(atlas_case, monkeypatch):
-    """direct, gb-surrogate with the seed held (from direct), gb-surrogate free (from the held one): the FD judge
-    runs on all three and keeps the lowest, whichever stage produced it."""
-    import TumorPersonalizationLib.inversion.methods as methods
-
-    tissue, hidden = atlas_case
-    problem, _ = prepare_problem(tissue, Observation.from_volume(hidden), device="cpu",
-                                 options=InversionOptions(hybrid_seed_held=True))
-    off = Candidate(GrowthParameters(TRUTH.seed_ras_mm, 12.0, 4.0), "direct")
-    far = GrowthParameters(tuple(np.add(TRUTH.seed_ras_mm, (8.0, 0.0, 0.0))), 3.0, 1.0)
-    held = Candidate(TRUTH, "gb-surrogate (seed held)", surrogate_loss=1.0)
-    free = Candidate(far, "gb-surrogate", surrogate_loss=0.0)  # the surrogate prefers it; the solver does not
-    starts = []
-
-    def fake_gb(p, start, hold_seed=False):
-        starts.append((start.source, hold_seed))
-        return held if hold_seed else free
-
-    monkeypatch.setattr(methods, "direct", lambda p: off)
-    monkeypatch.setattr(methods, "gb_surrogate", fake_gb)
-    winner = hybrid(problem)
-    assert starts == [("direct", True), ("gb-surrogate (seed held)", False)]
-    assert [h["stage"] for h in problem.history].count("hybrid: FD judge") == 3
-    assert winner.parameters == TRUTH and winner.source == "hybrid (gb-surrogate (seed held))"
 
 
 def test_seed_is_held_to_the_tumor_neighbourhood(atlas_case):

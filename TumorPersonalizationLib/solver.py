@@ -371,8 +371,7 @@ def schedule_run(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, control
 
 
 def simulate_tensor(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, control: StepControl = StepControl(),
-                    phases: int = 4, active_region: bool = True, checkpoint_segments: Optional[int] = None,
-                    progress: Optional[ProgressCallback] = None, return_stats: bool = False,
+                    active_region: bool = True, progress: Optional[ProgressCallback] = None, return_stats: bool = False,
                     stop: Optional[Callable[[float, torch.Tensor], bool]] = None, cancel=None):
     """Simulate a batch of tumors to T = 1 on the operator's grid.
 
@@ -399,7 +398,7 @@ def simulate_tensor(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, cont
     if np.any(mu_d_np < 0) or np.any(mu_rho_np < 0) or not np.all(np.isfinite(seeds_np)):
         raise InputError("mu_D and mu_rho must be >= 0 and the seed finite")
 
-    schedule = schedule_run(operator, mu_d_np, mu_rho_np, seeds_np, control, phases, active_region)
+    schedule = schedule_run(operator, mu_d_np, mu_rho_np, seeds_np, control, active_region=active_region)
     step_sizes, dt_explicit, stage_counts, phase_ends, boxes = (
         schedule.step_sizes, schedule.dt_explicit, schedule.stage_counts, schedule.phase_ends, schedule.boxes)
     steps, phases = len(step_sizes), len(phase_ends)
@@ -423,8 +422,7 @@ def simulate_tensor(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, cont
     box_bytes = batch * max(int(np.prod([b - a for a, b in box])) for box in boxes) * c0_element_size(dtype)
     stencils_per_segment = max(8, min(math.ceil(math.sqrt(sum(stage_counts))),
                                       int(GRADIENT_SEGMENT_BYTES // (16 * box_bytes))))
-    if checkpoint_segments is None:
-        checkpoint_segments = max(1, int(math.sqrt(steps)))
+    checkpoint_segments = max(1, int(math.sqrt(steps)))  # without gradients: progress and cancel every segment
 
     def advance(c_in, mu_d_sq_in, rho_in, faces, start, count):
         # Also runs again during the backward pass (checkpoint recomputation): a cancel stops a gradient too.

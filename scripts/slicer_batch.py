@@ -42,6 +42,7 @@ _make_library_importable()
 
 from TumorPersonalizationLib import mrml  # noqa: E402
 from TumorPersonalizationLib.cli import tissue_source  # noqa: E402
+from TumorPersonalizationLib.constants import DEFAULT_TUMOR_LABELS  # noqa: E402
 from TumorPersonalizationLib.errors import InputError  # noqa: E402
 
 EXIT_INPUT_ERROR = 2
@@ -69,7 +70,7 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
                                                       "(.seg.nrrd with Necrotic/Edema/Enhancing segments)")
     tumor.add_argument("--tumor-kind", choices=("concentration", "segmentation"), default="concentration",
                        help="what an image given as --tumor holds (default concentration)")
-    tumor.add_argument("--tumor-labels", nargs=3, type=int, default=(1, 2, 3),
+    tumor.add_argument("--tumor-labels", nargs=3, type=int, default=DEFAULT_TUMOR_LABELS,
                        metavar=("NECROTIC", "EDEMA", "ENHANCING"), help="tumor labels (default BraTS 2023: 1 2 3)")
     run = parser.add_argument_group("run")
     run.add_argument("--method", default=None, help="inversion method (default: the library's)")

@@ -36,37 +36,24 @@ def direct(problem: Problem) -> Candidate:
     return Candidate(space.project(raw), "direct", space=space)
 
 
-def gb_surrogate(problem: Problem, start: Optional[Candidate] = None, hold_seed: bool = False) -> Candidate:
-    """L-BFGS-B on the frozen surrogate from the inverse net's answer (or `start`); hold_seed=True fits mu_D and
-    mu_rho only, the seed held at the start's."""
+def gb_surrogate(problem: Problem, start: Optional[Candidate] = None) -> Candidate:
+    """L-BFGS-B on the frozen surrogate from the inverse net's answer (or `start`)."""
     start = start or direct(problem)
     surrogate = problem.surrogate()
     space = problem.network_space()
-    name = "gb-surrogate (seed held)" if hold_seed else "gb-surrogate"
-    parameters, loss = lbfgs_b(problem, space, surrogate.losses, space.project(start.parameters), name,
+    parameters, loss = lbfgs_b(problem, space, surrogate.losses, space.project(start.parameters), "gb-surrogate",
                                "surrogate", problem.options.gb_max_iterations, 5 * problem.options.gb_max_iterations,
-                               problem.options.gb_ftol, sub_progress(problem.progress, 0.0, 1.0), hold_seed=hold_seed)
-    return Candidate(parameters, name, surrogate_loss=loss, space=space)
+                               problem.options.gb_ftol, sub_progress(problem.progress, 0.0, 1.0))
+    return Candidate(parameters, "gb-surrogate", surrogate_loss=loss, space=space)
 
 
 def hybrid(problem: Problem) -> Candidate:
     """direct -> gb-surrogate; keep the candidate with the lower FD data loss on the working grid, or, when the two
     losses there are within options.tissue_judge_ratio, the lower loss of FD runs on the tissue's own grid (while
-    that stays within options.tissue_judge_max_runs such runs); the winner then carries its run as the final one.
-
-    With options.hybrid_seed_held, gb-surrogate runs in two stages, mu_D and mu_rho first with the inverse net's seed
-    held, then all five from there, and the FD solver judges all three candidates: a surrogate whose tumor follows
-    its seed only part of the way (benchmarks/seed_response.py) can pull the seed away to fit its own error, and the
-    held-seed candidate keeps the inverse net's seed with fitted mu's in the running."""
+    that stays within options.tissue_judge_max_runs such runs); the winner then carries its run as the final one."""
     progress = problem.progress
     candidates = [direct(problem.with_progress(sub_progress(progress, 0.0, 0.05, "direct")))]
-    free_from = 0.05
-    if problem.options.hybrid_seed_held:  # the free search then starts from the held one
-        candidates.append(gb_surrogate(problem.with_progress(sub_progress(progress, 0.05, 0.3,
-                                                                          "gb-surrogate, seed held")),
-                                       candidates[0], hold_seed=True))
-        free_from = 0.3
-    candidates.append(gb_surrogate(problem.with_progress(sub_progress(progress, free_from, 0.7, "gb-surrogate")),
+    candidates.append(gb_surrogate(problem.with_progress(sub_progress(progress, 0.05, 0.7, "gb-surrogate")),
                                    candidates[-1]))
     judged = []
     for n, candidate in enumerate(candidates):

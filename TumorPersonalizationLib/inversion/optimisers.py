@@ -14,11 +14,9 @@ from .space import SearchSpace
 
 def lbfgs_b(problem: Problem, space: SearchSpace, loss_of: Callable, start: GrowthParameters, stage: str, kind: str,
             max_iterations: int, max_evaluations: int, ftol: float,
-            progress: Optional[ProgressCallback], relative: bool = False,
-            hold_seed: bool = False) -> Tuple[GrowthParameters, float]:
+            progress: Optional[ProgressCallback], relative: bool = False) -> Tuple[GrowthParameters, float]:
     """Bounded L-BFGS (scipy's L-BFGS-B) in the unit cube of `space`, gradients by autograd through loss_of
     (seeds, mu_d, mu_rho tensors -> (1,) loss). Returns the best parameters seen and their loss.
-    hold_seed=True searches mu_D and mu_rho only, the seed held at the start's (its bounds closed on it).
 
     relative=True divides the objective by its value at the start, so `ftol` is relative to where the search began
     (the FD polish: the FD loss is the judge, so it may go as far as its budget allows). Without it, ftol is an
@@ -47,9 +45,7 @@ def lbfgs_b(problem: Problem, space: SearchSpace, loss_of: Callable, start: Grow
         gradient = x.grad.detach().numpy()[0].astype(np.float64)
         return value / scale[0], np.nan_to_num(gradient) / scale[0]
 
-    start_unit = space.to_unit(start)
-    bounds = [(u, u) for u in start_unit[:3]] + [(0.0, 1.0)] * 2 if hold_seed else [(0.0, 1.0)] * 5
-    minimize(objective, start_unit, jac=True, method="L-BFGS-B", bounds=bounds,
+    minimize(objective, space.to_unit(start), jac=True, method="L-BFGS-B", bounds=[(0.0, 1.0)] * 5,
              options={"maxiter": max_iterations, "maxfun": max_evaluations, "ftol": ftol, "gtol": 1e-12})
     return _projected(problem, space, best["unit"], best["loss"], stage, kind,
                       lambda unit: _unit_loss(loss_of, space, unit))

@@ -24,7 +24,6 @@ class InversionOptions:
     fd_iterations: int = 5  # hybrid-fd: L-BFGS-B iterations with FD gradients
     fd_max_evaluations: int = 8
     fd_trust_factor: float = 1.5  # hybrid-fd: mu_D and mu_rho stay within this factor of the polish's start
-    hybrid_seed_held: bool = False  # hybrid: also judge gb-surrogate with the inverse net's seed held (see hybrid)
     # hybrid: a runner-up whose FD loss on the working grid is within this factor of the winner's is judged again,
     # with the winner, by FD runs on the tissue's own grid (the winner of that is the final run, so one run more,
     # not two). Why: the working grid's own discretisation error (larger for small tumors, and for segmentations,
