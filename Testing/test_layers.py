@@ -1,5 +1,5 @@
 """The library's layering, read from its source (ast): no run-time module imports the offline subpackage, and the
-pipeline reads no private attribute of another module's objects."""
+pipeline uses no private name of another module (attribute or import)."""
 import ast
 from pathlib import Path
 
@@ -33,12 +33,17 @@ def offline_imports(path: Path, source: str = None):
 
 
 def private_attributes(path: Path):
-    """(line, expression) of every `x._name` in `path` where x is not self or cls (dunder names aside)."""
+    """(line, expression) of every `x._name` in `path` where x is not self or cls, and of every `_name` imported
+    from another module (dunder names aside)."""
+    source = path.read_text()
     out = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
             if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
-                out.append((node.lineno, ast.get_source_segment(path.read_text(), node)))
+                out.append((node.lineno, ast.get_source_segment(source, node)))
+        elif isinstance(node, ast.ImportFrom):
+            out += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names
+                    if alias.name.startswith("_") and not alias.name.startswith("__")]
     return out
 
 
@@ -46,13 +51,13 @@ def test_the_checks_see_what_they_look_for(tmp_path):
     """Relative imports resolve against the file's own package (a module of the inversion subpackage here, read from
     a string), and only other objects' private attributes count."""
     source = "from ..offline.dataset import RECIPES\nfrom .. import offline\nfrom ..plans import make_plans\n" \
-             "x = problem._fd.runs + self._y + type(x).__name__\n"
+             "from .tissue import _as_volume\nx = problem._fd.runs + self._y + type(x).__name__\n"
     assert offline_imports(LIBRARY / "inversion" / "fake.py", source) == [
         "TumorPersonalizationLib.offline.dataset", "TumorPersonalizationLib.offline.dataset.RECIPES",
         "TumorPersonalizationLib.offline"]
     probe = tmp_path / "probe.py"
     probe.write_text(source)
-    assert [expression for _, expression in private_attributes(probe)] == ["problem._fd"]
+    assert sorted(expression for _, expression in private_attributes(probe)) == ["problem._fd", "tissue._as_volume"]
 
 
 def test_no_runtime_module_imports_the_offline_subpackage():
@@ -63,6 +68,6 @@ def test_no_runtime_module_imports_the_offline_subpackage():
     assert offending == {}, f"run-time modules import the offline subpackage: {offending}"
 
 
-def test_the_pipeline_reads_no_private_attribute_of_another_modules_objects():
+def test_the_pipeline_uses_no_private_name_of_another_module():
     found = private_attributes(LIBRARY / "pipeline.py")
     assert found == [], f"pipeline.py reads private attributes: {found}"
