@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 
 .PHONY: setup demo test test-stock-slicer benchmark atlas clean
 
-$(BIN)/tumor-personalization: pyproject.toml constraints.txt
+$(BIN)/tumor-personalization: pyproject.toml setup.py TumorPersonalizationLib/slicer_deps.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"

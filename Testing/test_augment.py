@@ -2,7 +2,7 @@
 lands where the transform says."""
 import numpy as np
 
-from TumorPersonalizationLib.augment import (DeformationPrior, border_noise, deform_tissue, random_deformation,
+from TumorPersonalizationLib.offline.augment import (DeformationPrior, border_noise, deform_tissue, random_deformation,
                                              random_rotation)
 
 from conftest import heterogeneous_tissue, make_tissue
@@ -57,7 +57,7 @@ def test_random_rotation_is_a_rotation_within_its_bound():
 
 # ---- per-sample anatomy of a dataset -------------------------------------------------------------------------------
 def test_anatomy_off_draws_nothing_so_the_first_datasets_reproduce():
-    from TumorPersonalizationLib.augment import AnatomyPrior, draw_anatomy
+    from TumorPersonalizationLib.offline.augment import AnatomyPrior, draw_anatomy
 
     rng = np.random.default_rng(5)
     draw = draw_anatomy(rng, AnatomyPrior())
@@ -68,8 +68,8 @@ def test_anatomy_off_draws_nothing_so_the_first_datasets_reproduce():
 def test_shifted_test_set_draws_no_training_anatomy():
     """Checked on what was drawn (deformation matrices, rotation angles), not on the random streams: even with the
     same seed position and flags for every sample, no shifted sample matches a training one."""
-    from TumorPersonalizationLib.augment import draw_anatomy, shared_samples
-    from TumorPersonalizationLib.dataset import RECIPES
+    from TumorPersonalizationLib.offline.augment import draw_anatomy, shared_samples
+    from TumorPersonalizationLib.offline.dataset import RECIPES
 
     def records(recipe, stream, n):
         rng = np.random.default_rng(stream)
@@ -92,7 +92,7 @@ def test_shifted_test_set_draws_no_training_anatomy():
 
 
 def test_applied_anatomy_keeps_fractions_and_hard_labels_stay_hard():
-    from TumorPersonalizationLib.augment import AnatomyPrior, apply_anatomy, draw_anatomy
+    from TumorPersonalizationLib.offline.augment import AnatomyPrior, apply_anatomy, draw_anatomy
     from TumorPersonalizationLib.tissue import Tissue
 
     soft = heterogeneous_tissue(shape=(24, 26, 28))
@@ -113,7 +113,7 @@ def test_applied_anatomy_keeps_fractions_and_hard_labels_stay_hard():
 
 
 def test_oblique_grid_covers_the_image_with_thick_rotated_slices():
-    from TumorPersonalizationLib.augment import oblique_geometry, random_rotation
+    from TumorPersonalizationLib.offline.augment import oblique_geometry, random_rotation
 
     tissue = heterogeneous_tissue(shape=(20, 22, 24))
     rotation = random_rotation(np.random.default_rng(1), 20.0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from TumorPersonalizationLib import InputError
-from TumorPersonalizationLib.dataset import (DatasetConfig, Prior, draw_physical, generate, load_dataset,
+from TumorPersonalizationLib.offline.dataset import (DatasetConfig, Prior, draw_physical, generate, load_dataset,
                                              shard_path)
 
 # A narrow prior keeps the FD runs small (slow growth to small targets); the mapping is the same as the default one.
@@ -106,8 +106,8 @@ def test_local_cluster_workers_keep_glibc_malloc_defaults():
 def test_anatomy_recipe_sample_records_its_draw_and_its_shifted_crop():
     """One sample of the training recipe: its anatomy is stored, the seed offset agrees with the shifted crop centre,
     and the visible tumor is off the frame's centre by about the drawn shift."""
-    from TumorPersonalizationLib.augment import AnatomyPrior
-    from TumorPersonalizationLib.dataset import RECIPES, SampleMaker, recipe_config, sample_tissue
+    from TumorPersonalizationLib.offline.augment import AnatomyPrior
+    from TumorPersonalizationLib.offline.dataset import RECIPES, SampleMaker, recipe_config, sample_tissue
 
     with pytest.raises(InputError, match="unknown dataset recipe"):
         recipe_config("nope")
@@ -146,7 +146,7 @@ def test_committed_dataset_manifests_are_what_their_recipes_generate():
     to a recipe (a prior, the time steps) must not silently make the documented command produce other data."""
     from pathlib import Path
 
-    from TumorPersonalizationLib.dataset import FORMAT_VERSION, RECIPES, recipe_config
+    from TumorPersonalizationLib.offline.dataset import FORMAT_VERSION, RECIPES, recipe_config
 
     manifests = sorted((Path(__file__).resolve().parents[1] / "scripts" / "recipes" / "datasets").glob(
         "*.manifest.json"))

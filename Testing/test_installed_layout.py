@@ -42,7 +42,9 @@ def lay_out_installed_module(folder):
         shutil.copy2(MODULE_DIRECTORY / script, folder / script)
     (folder / "TumorPersonalizationLib").mkdir()
     for name in cmake_list(MODULE_CMAKE, "LIBRARY_PYTHON_FILES"):
-        shutil.copy2(LIBRARY_DIRECTORY / name, folder / "TumorPersonalizationLib" / name)
+        target = folder / "TumorPersonalizationLib" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(LIBRARY_DIRECTORY / name, target)
     for relative in cmake_list(MODULE_CMAKE, "MODULE_PYTHON_RESOURCES"):
         (folder / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(MODULE_DIRECTORY / relative, folder / relative)

@@ -7,13 +7,13 @@ import torch
 
 from test_dataset import small_config
 from TumorPersonalizationLib import InputError
-from TumorPersonalizationLib.dataset import generate
-from TumorPersonalizationLib.inverse import (MIRROR_AXIS, MIRROR_SIGNS, InverseConfig, InverseNet,
+from TumorPersonalizationLib.offline.dataset import generate
+from TumorPersonalizationLib.inverse_net import (MIRROR_AXIS, MIRROR_SIGNS, InverseConfig, InverseNet,
                                             predict_mirror_averaged)
 from TumorPersonalizationLib.parameters import ParameterScaling
 from TumorPersonalizationLib.registry import SHIPPED_MODELS, load_model, save_model
 from TumorPersonalizationLib.surrogate import SurrogateConfig, SurrogateUNet, masked_mse
-from TumorPersonalizationLib.training import train
+from TumorPersonalizationLib.offline.training import train
 
 TINY = {"grid": 16, "in_channels": 3, "widths": [4, 8, 8], "blocks_per_level": 1, "kernel_size": 3, "parameters": 5}
 
@@ -182,7 +182,7 @@ def test_seed_fields_are_each_voxels_position_relative_to_the_seed():
 def test_a_network_with_seed_fields_starts_as_the_one_it_grows_from():
     """Retraining with seed fields from weights without them: the new inputs get zero weights, so the first step
     starts from the old function exactly; any other change of design is refused."""
-    from TumorPersonalizationLib.training import load_initial_weights
+    from TumorPersonalizationLib.offline.training import load_initial_weights
 
     torch.manual_seed(1)
     old = SurrogateUNet(SurrogateConfig.from_dict(TINY))
@@ -209,7 +209,7 @@ def reproduce_check_samples(name, directory=None):
     from pathlib import Path
 
     from TumorPersonalizationLib.registry import models_dir
-    from TumorPersonalizationLib.training import evaluate_inverse, evaluate_surrogate, to_tensors
+    from TumorPersonalizationLib.offline.training import evaluate_inverse, evaluate_surrogate, to_tensors
 
     model, card = load_model(name, directory=directory)
     directory = Path(directory) if directory is not None else models_dir()
@@ -377,7 +377,7 @@ def test_flipping_the_frames_last_axis_mirrors_the_brain_about_the_frames_centre
 def test_the_held_out_scores_can_be_those_of_the_mirror_averaged_answer():
     """training.predict_inverse(mirror_average=True), which the surrogate benchmark scores, is
     predict_mirror_averaged on every sample, and the default is the one pass."""
-    from TumorPersonalizationLib.training import predict_inverse
+    from TumorPersonalizationLib.offline.training import predict_inverse
 
     torch.manual_seed(1)
     model = InverseNet(InverseConfig(**dict(TINY, in_channels=4))).eval()

@@ -161,7 +161,7 @@ def test_direct_gives_the_mirror_averaged_answer_unless_told_not_to(atlas_case):
     one plain pass when the option is off; the two differ, so the option reaches the network."""
     import torch
 
-    from TumorPersonalizationLib.inverse import predict_mirror_averaged
+    from TumorPersonalizationLib.inverse_net import predict_mirror_averaged
 
     tissue, hidden = atlas_case
     answers = {}
@@ -184,7 +184,7 @@ def test_direct_gives_the_mirror_averaged_answer_unless_told_not_to(atlas_case):
 
 
 def test_hybrid_keeps_the_candidate_with_the_lower_fd_loss(atlas_case, monkeypatch):
-    import TumorPersonalizationLib.inversion as inversion
+    import TumorPersonalizationLib.inversion.methods as methods
 
     tissue, hidden = atlas_case
     problem, _ = prepare_problem(tissue, Observation.from_volume(hidden), device="cpu")
@@ -192,8 +192,8 @@ def test_hybrid_keeps_the_candidate_with_the_lower_fd_loss(atlas_case, monkeypat
     bad = Candidate(GrowthParameters(TRUTH.seed_ras_mm, 12.0, 4.0), "gb-surrogate", surrogate_loss=0.0)
     # Whichever of the two the surrogate "prefers", the FD judge decides.
     for first, second in ((good, bad), (bad, good)):
-        monkeypatch.setattr(inversion, "direct", lambda p, c=first: c)
-        monkeypatch.setattr(inversion, "gb_surrogate", lambda p, start, c=second: c)
+        monkeypatch.setattr(methods, "direct", lambda p, c=first: c)
+        monkeypatch.setattr(methods, "gb_surrogate", lambda p, start, c=second: c)
         winner = hybrid(problem)
         assert winner.parameters == TRUTH
         assert winner.fd_loss < 1e-4
@@ -204,13 +204,13 @@ def test_hybrid_judges_a_close_call_again_on_the_tissue_grid(atlas_case, monkeyp
     (losses 1.0 and 1.5): within tissue_judge_ratio both are run on the tissue's grid, the better one there wins and
     carries its run; beyond it (or with both candidates the same) the working grid's choice stands, with no run;
     and when a second run would cost more than tissue_judge_max_runs, only the working grid's winner is run."""
-    import TumorPersonalizationLib.inversion as inversion
+    import TumorPersonalizationLib.inversion.methods as methods
 
     tissue, hidden = atlas_case
     good = Candidate(TRUTH, "direct")
     bad = Candidate(GrowthParameters(TRUTH.seed_ras_mm, 12.0, 4.0), "gb-surrogate", surrogate_loss=0.0)
     working_losses = {"direct": 1.5, "gb-surrogate": 1.0}
-    monkeypatch.setattr(inversion.Problem, "fd_loss",
+    monkeypatch.setattr(methods.Problem, "fd_loss",
                         lambda self, c, stage: replace(c, fd_loss=working_losses[c.source]))
     same = replace(good, source="gb-surrogate")
     for ratio, most, second, expected, runs in ((2.0, math.inf, bad, TRUTH, 2), (1.2, math.inf, bad, bad.parameters, 0),
@@ -218,8 +218,8 @@ def test_hybrid_judges_a_close_call_again_on_the_tissue_grid(atlas_case, monkeyp
         problem, _ = prepare_problem(tissue, Observation.from_volume(hidden), device="cpu", working_spacing_mm=3.0,
                                      options=InversionOptions(tissue_judge_ratio=ratio, tissue_judge_max_runs=most))
         assert problem.work_tissue.geometry.spacing_ijk_mm[0] == pytest.approx(3.0)
-        monkeypatch.setattr(inversion, "direct", lambda p: good)
-        monkeypatch.setattr(inversion, "gb_surrogate", lambda p, start, c=second: c)
+        monkeypatch.setattr(methods, "direct", lambda p: good)
+        monkeypatch.setattr(methods, "gb_surrogate", lambda p, start, c=second: c)
         winner = hybrid(problem)
         assert winner.parameters == expected and problem.tissue_runs == runs
         if runs:
@@ -231,27 +231,25 @@ def test_hybrid_judges_a_close_call_again_on_the_tissue_grid(atlas_case, monkeyp
             assert winner.final is None
 
 
-def test_hybrid_prices_the_runner_up_by_its_plan(atlas_case, monkeypatch):
-    """The close-call cap predicts each run's cost from the work its plan will do, not from the clock: a runner-up
+def test_hybrid_prices_the_runner_up_by_its_schedule(atlas_case, monkeypatch):
+    """The close-call cap predicts each run's cost from the work its schedule will do, not from the clock: a runner-up
     is judged on the tissue's grid exactly when the networks, all working-grid runs and both tissue-grid runs fit in
     tissue_judge_max_runs runs of the winner; a runner-up with a larger mu_D (its run costs several of the winner's)
-    needs a larger budget than one with a smaller mu_D; a longer search so far changes nothing; and a runner-up too
-    dear to judge does not stop a cheaper one behind it from being judged."""
-    import TumorPersonalizationLib.inversion as inversion
+    needs a larger budget than one with a smaller mu_D; and a longer search so far changes nothing."""
+    import TumorPersonalizationLib.inversion.methods as methods
 
     tissue, hidden = atlas_case
     winner = Candidate(TRUTH, "gb-surrogate", surrogate_loss=0.0)
     cheap = Candidate(replace(TRUTH, mu_d_mm=0.7 * TRUTH.mu_d_mm), "direct")
-    dear = Candidate(replace(TRUTH, mu_d_mm=1.6 * TRUTH.mu_d_mm), "gb-surrogate (seed held)")
-    working_losses = {"gb-surrogate": 1.0, "gb-surrogate (seed held)": 1.4, "direct": 1.5}
-    monkeypatch.setattr(inversion.Problem, "fd_loss",
+    dear = Candidate(replace(TRUTH, mu_d_mm=1.6 * TRUTH.mu_d_mm), "direct")
+    working_losses = {"gb-surrogate": 1.0, "direct": 1.5}
+    monkeypatch.setattr(methods.Problem, "fd_loss",
                         lambda self, c, stage: replace(c, fd_loss=working_losses[c.source]))
 
-    def problem_with(max_runs, seed_held=False):
+    def problem_with(max_runs):
         problem, _ = prepare_problem(tissue, Observation.from_volume(hidden), device="cpu", working_spacing_mm=3.0,
-                                     options=InversionOptions(tissue_judge_ratio=2.0, tissue_judge_max_runs=max_runs,
-                                                              hybrid_seed_held=seed_held))
-        problem._started -= 1e4  # as if the networks had taken hours: the cap does not read the clock
+                                     options=InversionOptions(tissue_judge_ratio=2.0, tissue_judge_max_runs=max_runs))
+        problem.log.started -= 1e4  # as if the networks had taken hours: the cap does not read the clock
         return problem
 
     probe = problem_with(math.inf)
@@ -264,39 +262,32 @@ def test_hybrid_prices_the_runner_up_by_its_plan(atlas_case, monkeypatch):
         return (spent + unit + probe.predicted_run_s(runner_up.parameters, tissue_grid=True)) / unit
 
     assert runs_needed(dear, (winner, dear)) > runs_needed(cheap, (winner, cheap)) + 1.0
-    monkeypatch.setattr(inversion, "gb_surrogate", lambda p, start, hold_seed=False: dear if hold_seed else winner)
+    monkeypatch.setattr(methods, "gb_surrogate", lambda p, start: winner)
     for runner_up in (cheap, dear):
-        monkeypatch.setattr(inversion, "direct", lambda p, c=runner_up: c)
+        monkeypatch.setattr(methods, "direct", lambda p, c=runner_up: c)
         threshold = runs_needed(runner_up, (winner, runner_up))
         for budget, runs in ((threshold * 0.999, 1), (threshold * 1.001, 2)):
             problem = problem_with(budget)
             hybrid(problem)
             assert problem.tissue_runs == runs and problem.close_calls_not_judged == 2 - runs
-    # Three candidates (the seed-held fit too), ranked winner, dear, cheap: dear is left out, cheap is judged.
-    monkeypatch.setattr(inversion, "direct", lambda p: cheap)
-    three = (winner, dear, cheap)
-    problem = problem_with(0.5 * (runs_needed(cheap, three) + runs_needed(dear, three)), seed_held=True)
-    chosen = hybrid(problem)
-    assert problem.tissue_runs == 2 and problem.close_calls_not_judged == 1
-    assert chosen.parameters in (winner.parameters, cheap.parameters) and chosen.final is not None
 
 
 def test_hybrid_fd_starts_from_the_working_grids_choice_without_tissue_grid_runs(atlas_case, monkeypatch):
     """hybrid-fd's polish moves the parameters, so its hybrid does not judge close calls on the tissue's grid (that
     run would be wasted); the option is changed for that call only, not for the problem."""
-    import TumorPersonalizationLib.inversion as inversion
+    import TumorPersonalizationLib.inversion.methods as methods
     from TumorPersonalizationLib.inversion import hybrid_fd
 
     tissue, hidden = atlas_case
     problem, _ = prepare_problem(tissue, Observation.from_volume(hidden), device="cpu", working_spacing_mm=3.0,
                                  options=InversionOptions(tissue_judge_ratio=2.0, tissue_judge_max_runs=math.inf))
     bad = Candidate(GrowthParameters(TRUTH.seed_ras_mm, 12.0, 4.0), "gb-surrogate", surrogate_loss=0.0)
-    monkeypatch.setattr(inversion.Problem, "fd_loss", lambda self, c, stage: replace(
+    monkeypatch.setattr(methods.Problem, "fd_loss", lambda self, c, stage: replace(
         c, fd_loss={"direct": 1.5, "gb-surrogate": 1.0}[c.source]))
-    monkeypatch.setattr(inversion, "direct", lambda p: Candidate(TRUTH, "direct"))
-    monkeypatch.setattr(inversion, "gb_surrogate", lambda p, start: bad)
+    monkeypatch.setattr(methods, "direct", lambda p: Candidate(TRUTH, "direct"))
+    monkeypatch.setattr(methods, "gb_surrogate", lambda p, start: bad)
     polished_from = []
-    monkeypatch.setattr(inversion, "fd_polish", lambda p, start: polished_from.append(start) or start)
+    monkeypatch.setattr(methods, "fd_polish", lambda p, start: polished_from.append(start) or start)
     hybrid_fd(problem)
     assert polished_from[0].parameters == bad.parameters and polished_from[0].final is None
     assert problem.tissue_runs == 0 and problem.options.tissue_judge_ratio == 2.0
@@ -317,45 +308,6 @@ def test_personalize_takes_the_judges_tissue_grid_run_as_its_final_run(atlas_cas
                       working_spacing_mm=3.0, options=InversionOptions(tissue_judge_ratio=0.0))
     assert off.provenance["fd_runs_tissue_grid"] == 1
     assert [h["stage"] for h in off.history][-1] == "final FD run (tissue grid)"
-
-
-def test_gb_surrogate_with_the_seed_held_fits_mu_only(atlas_case):
-    tissue, hidden = atlas_case
-    problem, _ = prepare_problem(tissue, Observation.from_volume(hidden), device="cpu")
-    start = perturbed(TRUTH)
-    result = gb_surrogate(problem, start, hold_seed=True)
-    held_seed = problem.network_space().project(start.parameters).seed_ras_mm
-    np.testing.assert_allclose(result.parameters.seed_ras_mm, held_seed, atol=1e-9)
-    assert result.source == "gb-surrogate (seed held)"
-    # mu_D and mu_rho did move: from 30 % off towards the truth
-    assert abs(result.parameters.mu_d_mm - TRUTH.mu_d_mm) < abs(start.parameters.mu_d_mm - TRUTH.mu_d_mm)
-    assert abs(result.parameters.mu_rho - TRUTH.mu_rho) < abs(start.parameters.mu_rho - TRUTH.mu_rho)
-
-
-def test_hybrid_with_the_seed_held_judges_three_candidates(atlas_case, monkeypatch):
-    """direct, gb-surrogate with the seed held (from direct), gb-surrogate free (from the held one): the FD judge
-    runs on all three and keeps the lowest, whichever stage produced it."""
-    import TumorPersonalizationLib.inversion as inversion
-
-    tissue, hidden = atlas_case
-    problem, _ = prepare_problem(tissue, Observation.from_volume(hidden), device="cpu",
-                                 options=InversionOptions(hybrid_seed_held=True))
-    off = Candidate(GrowthParameters(TRUTH.seed_ras_mm, 12.0, 4.0), "direct")
-    far = GrowthParameters(tuple(np.add(TRUTH.seed_ras_mm, (8.0, 0.0, 0.0))), 3.0, 1.0)
-    held = Candidate(TRUTH, "gb-surrogate (seed held)", surrogate_loss=1.0)
-    free = Candidate(far, "gb-surrogate", surrogate_loss=0.0)  # the surrogate prefers it; the solver does not
-    starts = []
-
-    def fake_gb(p, start, hold_seed=False):
-        starts.append((start.source, hold_seed))
-        return held if hold_seed else free
-
-    monkeypatch.setattr(inversion, "direct", lambda p: off)
-    monkeypatch.setattr(inversion, "gb_surrogate", fake_gb)
-    winner = hybrid(problem)
-    assert starts == [("direct", True), ("gb-surrogate (seed held)", False)]
-    assert [h["stage"] for h in problem.history].count("hybrid: FD judge") == 3
-    assert winner.parameters == TRUTH and winner.source == "hybrid (gb-surrogate (seed held))"
 
 
 def test_seed_is_held_to_the_tumor_neighbourhood(atlas_case):
@@ -471,12 +423,12 @@ def test_failed_write_leaves_the_previous_set(atlas_case, tmp_path, monkeypatch)
     result = personalize(tissue, Observation.from_volume(hidden), method="direct", device="cpu")
     out = write_outputs(result, tmp_path / "out", picture=False)
     before = (out / "parameters.json").read_text()
-    import TumorPersonalizationLib.report as report
+    import TumorPersonalizationLib.figures as figures
 
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(report, "save_result_figure", broken)
+    monkeypatch.setattr(figures, "save_result_figure", broken)
     with pytest.raises(OSError):
         write_outputs(result, out)
     assert (out / "parameters.json").read_text() == before
@@ -487,9 +439,7 @@ def test_frame_is_centred_as_the_networks_training_crops_were():
     """A network trained on crops around the visible tumor (the 'anatomy' recipe, recorded in its card) gets its frame
     centred there; the bundled ones (crops around the whole concentration) keep theirs. A faint tail on one side
     pulls the whole concentration's centre, not the visible one's."""
-    from types import SimpleNamespace
-
-    from TumorPersonalizationLib.inversion import Problem
+    from TumorPersonalizationLib.inversion import ModelCache
     from TumorPersonalizationLib.parameters import ParameterScaling
 
     tissue = make_tissue(np.ones((40, 40, 40)), spacing=(2.0, 2.0, 2.0))
@@ -497,12 +447,12 @@ def test_frame_is_centred_as_the_networks_training_crops_were():
     c[18:22, 18:22, 18:22] = 0.8  # visible core around index 19.5
     c[18:22, 18:22, 22:36] = 0.2  # sub-visible tail along +i
     gridded = Observation.from_volume(tissue.volume(c), "concentration").on_grid(tissue.geometry)
-    problem = SimpleNamespace(observation=gridded, tissue=tissue)
+    models = ModelCache(tissue, gridded, tissue, gridded, InversionOptions())
     card = {"grid": 16, "cube_mm": 64.0, "scaling": ParameterScaling().to_dict()}
     visible_card = dict(card, training_data={"config": {"anatomy": {"crop_center": "visible"}}})
     centre_of = lambda frame: frame.geometry.index_kji_to_ras((np.asarray(frame.geometry.shape_kji) - 1) / 2.0)  # noqa
-    visible_centre = centre_of(Problem._frame(problem, visible_card))
-    whole_centre = centre_of(Problem._frame(problem, card))
+    visible_centre = centre_of(models.frame_for(visible_card))
+    whole_centre = centre_of(models.frame_for(card))
     expected = tissue.geometry.index_kji_to_ras(np.array([19.5, 19.5, 19.5]))
     assert np.linalg.norm(visible_centre - expected) <= 2.0  # the frame snaps to the 2 mm grid
     assert whole_centre[0] - visible_centre[0] >= 6.0  # the tail drags the whole centre along +x (i)

@@ -9,7 +9,7 @@ import pytest
 
 from TumorPersonalizationLib.geometry import Geometry, Volume
 from TumorPersonalizationLib.pipeline import write_outputs
-from TumorPersonalizationLib.report import REPORT_SKIPPED
+from TumorPersonalizationLib.figures import REPORT_SKIPPED
 from TumorPersonalizationLib.tissue import Tissue
 
 
@@ -39,7 +39,7 @@ def test_write_outputs_without_matplotlib_skips_the_picture_and_says_so(tmp_path
 def test_write_outputs_with_matplotlib_records_the_picture(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib", reason="the test environment installs matplotlib (pyproject.toml)")
     drawn = []
-    monkeypatch.setattr("TumorPersonalizationLib.report.save_result_figure",
+    monkeypatch.setattr("TumorPersonalizationLib.figures.save_result_figure",
                         lambda path, result: (drawn.append(path), open(path, "wb").write(b"png")))
     out = write_outputs(_stand_in_result(), tmp_path / "out")
     assert drawn == [drawn[0]] and (out / "report.png").is_file()

@@ -185,7 +185,8 @@ def test_every_file_the_cmake_lists_name_exists_and_every_library_file_is_listed
         assert (REPOSITORY / "Resources" / item).is_file(), f"Resources/{item} listed in {cmake} does not exist"
     listed = cmake_list(cmake, "LIBRARY_PYTHON_FILES")
     assert len(listed) == len(set(listed)), "a library file is listed twice"
-    present = sorted(p.name for p in LIBRARY_DIRECTORY.glob("*.py"))
+    present = sorted(p.relative_to(LIBRARY_DIRECTORY).as_posix() for p in LIBRARY_DIRECTORY.rglob("*.py")
+                     if "__pycache__" not in p.parts)
     assert sorted(listed) == present, (f"not listed: {sorted(set(present) - set(listed))}; listed but missing: "
                                        f"{sorted(set(listed) - set(present))}")
     # The whole atlas ships, and of the models exactly those the inversion loads (registry.SHIPPED_MODELS), each
@@ -283,7 +284,7 @@ def test_the_python_3_9_check_catches_what_it_is_for():
 
 
 def test_the_library_imports_no_slicer_or_qt_at_module_level():
-    for path in LIBRARY_DIRECTORY.glob("*.py"):
+    for path in LIBRARY_DIRECTORY.rglob("*.py"):
         for node in ast.parse(path.read_text()).body:
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []

@@ -9,7 +9,7 @@ import torch
 from conftest import heterogeneous_tissue, make_tissue
 from TumorPersonalizationLib.parameters import GrowthParameters
 from TumorPersonalizationLib.solver import (INITIAL_AMPLITUDE, StepControl, TissueOperator, apply_laplacian,
-                                            lattice_front, plan_run, rkl2_coefficients, simulate, simulate_tensor,
+                                            lattice_front, rkl2_coefficients, schedule_run, simulate, simulate_tensor,
                                             _diffusion_step)
 
 
@@ -144,8 +144,8 @@ def test_active_region_matches_full_grid(atlas_2mm, mu_d, mu_rho):
 
 @pytest.mark.parametrize("mu_d, mu_rho, control", [(4.0, 3.0, StepControl()), (12.0, 1.5, StepControl()),
                                                     (9.0, 5.0, StepControl(max_front_step_voxels=1.0))])
-def test_plan_predicts_the_work_the_run_does(atlas_2mm, monkeypatch, mu_d, mu_rho, control):
-    """plan_run(...).work() (hybrid's close-call cap prices runs with it before running them) equals the voxels the
+def test_schedule_predicts_the_work_the_run_does(atlas_2mm, monkeypatch, mu_d, mu_rho, control):
+    """schedule_run(...).work() (hybrid's close-call cap prices runs with it before running them) equals the voxels the
     run's stencils really touch, counted during the run, and a larger mu_D costs more."""
     import TumorPersonalizationLib.solver as solver
 
@@ -156,14 +156,14 @@ def test_plan_predicts_the_work_the_run_does(atlas_2mm, monkeypatch, mu_d, mu_rh
     monkeypatch.setattr(solver, "laplacian", lambda c, faces: touched.append(c.numel()) or original(c, faces))
     with torch.no_grad():
         _, stats = simulate_tensor(operator, [mu_d], [mu_rho], [seed], control=control, return_stats=True)
-    plan = plan_run(operator, [mu_d], [mu_rho], [seed], control)
-    assert len(touched) == stats.stencil_applications == sum(plan.stage_counts)
-    assert plan.work() == sum(touched) and len(plan.step_sizes) == stats.steps
-    assert plan_run(operator, [1.5 * mu_d], [mu_rho], [seed], control).work() > plan.work()
+    schedule = schedule_run(operator, [mu_d], [mu_rho], [seed], control)
+    assert len(touched) == stats.stencil_applications == sum(schedule.stage_counts)
+    assert schedule.work() == sum(touched) and len(schedule.step_sizes) == stats.steps
+    assert schedule_run(operator, [1.5 * mu_d], [mu_rho], [seed], control).work() > schedule.work()
 
 
 def test_stop_hook_returns_the_tumor_at_the_stopping_time(atlas_2mm):
-    """Stopping a run planned for (mu_D, mu_rho) at time t gives the tumor of (mu_D sqrt(t), mu_rho sqrt(t)): the
+    """Stopping a run scheduled for (mu_D, mu_rho) at time t gives the tumor of (mu_D sqrt(t), mu_rho sqrt(t)): the
     dataset uses this to stop growth at a target visible volume."""
     operator = TissueOperator(atlas_2mm)
     seed = (28.0, -12.0, 24.0)
@@ -381,7 +381,7 @@ def test_dataset_recipe_steps_stay_within_1e3_of_a_converged_run(atlas_2mm, mu_d
     """The training-data recipes take longer steps than the solver's default; every sample stays within 1e-3 of a
     converged run, including the proliferative ones (5.6 / 5.3 was the sample the throughput benchmark found at
     1.14e-3 with reaction accuracy 0.5)."""
-    from TumorPersonalizationLib.dataset import recipe_config
+    from TumorPersonalizationLib.offline.dataset import recipe_config
 
     control = recipe_config("anatomy").step_control()
     assert control == recipe_config("shifted").step_control()

@@ -58,10 +58,12 @@ def _makeLibraryImportable() -> None:
 _makeLibraryImportable()
 
 from TumorPersonalizationLib import mrml, processes, slicer_deps  # noqa: E402  (after the path set-up above)
-from TumorPersonalizationLib.constants import DEFAULT_METHOD, METHODS as LIBRARY_METHODS  # noqa: E402
+# DEFAULT_TUMOR_LABELS: BraTS 2023 labels, 1 necrotic core, 2 edema, 3 enhancing (BraTS 2021: enhancing = 4).
+from TumorPersonalizationLib.constants import (DEFAULT_METHOD, DEFAULT_TUMOR_LABELS,  # noqa: E402
+                                              METHODS as LIBRARY_METHODS)
 from TumorPersonalizationLib.errors import InputError  # noqa: E402
 from TumorPersonalizationLib.lesion import DEFAULT_LESION_TISSUE, LESION_TISSUE_MODES  # noqa: E402
-from TumorPersonalizationLib.report import REPORT_SKIPPED  # noqa: E402
+from TumorPersonalizationLib.figures import REPORT_SKIPPED  # noqa: E402
 
 # Methods of TumorPersonalizationLib.inversion; the panel shows the library's default first, the others under Advanced.
 METHODS = (DEFAULT_METHOD,) + tuple(m for m in LIBRARY_METHODS if m != DEFAULT_METHOD)
@@ -73,8 +75,6 @@ LESION_TISSUE_CHOICES = tuple(mode + (" (default)" if mode == DEFAULT_LESION_TIS
                               (DEFAULT_LESION_TISSUE,) + tuple(m for m in LESION_TISSUE_MODES
                                                                if m != DEFAULT_LESION_TISSUE))
 TUMOR_INPUTS = ("Concentration map", "Tumor label map", "Tumor segmentation")
-# BraTS 2023 labels: 1 necrotic core, 2 edema, 3 enhancing (BraTS 2021: enhancing = 4).
-DEFAULT_TUMOR_LABELS = (1, 2, 3)
 DEFAULT_TISSUE_LABELS = {"csf": 1, "gm": 2, "wm": 3}
 
 # torch comes from Slicer's PyTorch extension; the rest through pip. Never numpy or SimpleITK: Slicer ships its own,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import List, Optional
 
 
-from .constants import CORE_THRESHOLD, EDEMA_THRESHOLD, STANDARD_MARGIN_MM
+from .constants import CORE_THRESHOLD, DEFAULT_TUMOR_LABELS, EDEMA_THRESHOLD, STANDARD_MARGIN_MM
 from .errors import InputError
 from .progress import BarProgress, Cancelled, JsonLinesProgress
 
@@ -83,14 +83,6 @@ def load_tissue_from_args(args):
     return Tissue.from_file(source, TissueLabels(*args.labels))
 
 
-def _check_device(name: str) -> str:
-    import torch
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda requested but no CUDA device is available (use --device cpu)")
-    return name
-
-
 def _check_output_path(path: Path) -> Path:
     from .imageio import check_writable_file
 
@@ -126,7 +118,7 @@ def _summary(tissue, concentration, parameters, runtime_s):
 
 def command_simulate(args) -> int:
     from .parameters import GrowthParameters
-    from .report import save_concentration_figure
+    from .figures import save_concentration_figure
 
     out = _check_output_path(Path(args.out))
     if args.picture:
@@ -135,7 +127,9 @@ def command_simulate(args) -> int:
         check_writable_file(Path(args.picture), suffixes=(".png",))
     if args.spacing is not None and not 0.1 <= args.spacing <= 10:
         raise InputError(f"--spacing {args.spacing:g} mm is outside [0.1, 10] mm")
-    device = _check_device(args.device)
+    from .pipeline import resolve_device
+
+    device = resolve_device(args.device)
     parameters = GrowthParameters(tuple(args.seed_ras), args.mu_d, args.mu_rho)
     tissue = load_tissue_from_args(args)
     concentration, runtime = _run_simulation(tissue, parameters, args.spacing, device, args.quiet)
@@ -212,7 +206,7 @@ def _add_tumor_options(parser, required=True):
                                                           "segmentation (.nii.gz/.nrrd/.mha)")
     group.add_argument("--tumor-kind", choices=("concentration", "segmentation"), default="concentration",
                        help="what --tumor holds (default: concentration)")
-    group.add_argument("--tumor-labels", nargs=3, type=int, default=(1, 2, 3),
+    group.add_argument("--tumor-labels", nargs=3, type=int, default=DEFAULT_TUMOR_LABELS,
                        metavar=("NECROTIC", "EDEMA", "ENHANCING"),
                        help="segmentation labels (default BraTS 2023: 1 2 3; BraTS 2021: 1 2 4)")
 
@@ -249,10 +243,10 @@ def _settings_from_args(args) -> dict:
             "core_threshold": args.core_threshold, "cma_budget": args.cma_budget,
             "close_call_ratio": args.close_call_ratio, "close_call_max_runs": args.close_call_max_runs,
             "tumor_kind": getattr(args, "tumor_kind", "concentration"),
-            "tumor_labels": list(getattr(args, "tumor_labels", (1, 2, 3))),
+            "tumor_labels": list(getattr(args, "tumor_labels", DEFAULT_TUMOR_LABELS)),
             "lesion_tissue": getattr(args, "lesion_tissue", "atlas"),
             "recurrence_labels": list(getattr(args, "recurrence_labels", None)
-                                      or getattr(args, "tumor_labels", (1, 2, 3)))}
+                                      or getattr(args, "tumor_labels", DEFAULT_TUMOR_LABELS))}
 
 
 def _personalize(tissue, observation, settings: dict, progress):
@@ -283,7 +277,7 @@ def _load_observation(path, settings: dict):
     from .observation import ImagingModel, Observation
 
     return Observation.from_file(path, settings.get("tumor_kind", "concentration"),
-                                 tuple(settings.get("tumor_labels", (1, 2, 3))),
+                                 tuple(settings.get("tumor_labels", DEFAULT_TUMOR_LABELS)),
                                  ImagingModel(settings.get("edema_threshold", EDEMA_THRESHOLD),
                                               settings.get("core_threshold", CORE_THRESHOLD)))
 
@@ -292,7 +286,8 @@ def _load_recurrence(path, settings: dict):
     """The follow-up segmentation, read and checked before any long work (InputError naming the file)."""
     from .recurrence import load_recurrence
 
-    return load_recurrence(path, tuple(settings.get("recurrence_labels") or settings.get("tumor_labels", (1, 2, 3))))
+    labels = settings.get("recurrence_labels") or settings.get("tumor_labels", DEFAULT_TUMOR_LABELS)
+    return load_recurrence(path, tuple(labels))
 
 
 def _result_summary(result) -> dict:
@@ -337,7 +332,8 @@ def command_demo(args) -> int:
     from .atlas import load_atlas
     from .metrics import compare
     from .observation import Observation
-    from .parameters import GrowthParameters
+    from .observation import labels_from_concentration
+    from .parameters import GrowthParameters, later_growth, parameter_errors
     from .pipeline import check_output_dir, write_outputs
     from .plans import later_growth_coverage
     from .solver import StepControl, simulate
@@ -352,11 +348,7 @@ def command_demo(args) -> int:
           f"{args.tumor_kind}", file=sys.stderr)
     hidden = simulate(tissue, truth, control=StepControl(refinement=2.0), device="cpu")
     if args.tumor_kind == "segmentation":
-        import numpy as np
-
-        labels = np.zeros(hidden.array.shape, np.int16)
-        labels[hidden.array >= args.edema_threshold] = 2
-        labels[hidden.array >= args.core_threshold] = 3
+        labels = labels_from_concentration(hidden.array, args.edema_threshold, args.core_threshold)
         observation = Observation.from_volume(tissue.volume(labels), "segmentation")
     else:
         observation = Observation.from_volume(hidden, "concentration")
@@ -369,16 +361,14 @@ def command_demo(args) -> int:
     scores = compare(result.concentration.array, hidden.array, tissue.brain_mask)
     # What the plans are for: the same tumor grown on to 1.5x its age; its visible part beyond today's is the growth
     # a plan should have covered. Equal volumes, so only where each plan puts its volume counts.
-    later = simulate(tissue, GrowthParameters(truth.seed_ras_mm, truth.mu_d_mm * 1.5 ** 0.5, truth.mu_rho * 1.5 ** 0.5),
-                     control=StepControl(refinement=2.0), device="cpu")
+    later = simulate(tissue, later_growth(truth), control=StepControl(refinement=2.0), device="cpu")
     growth = (later.array >= args.edema_threshold) & (hidden.array < args.edema_threshold)
     coverage = later_growth_coverage(tissue, result.plans, growth, result.observation.visible,
                                      result.observation.core, hidden.array)
+    errors = parameter_errors(p, truth)
     versus = {"true_parameters": truth.to_dict(),
-              "errors": {"seed_mm": round(float(sum((a - b) ** 2 for a, b in zip(p.seed_ras_mm,
-                                                                                  truth.seed_ras_mm)) ** 0.5), 2),
-                         "mu_d_relative": round(abs(p.mu_d_mm - truth.mu_d_mm) / truth.mu_d_mm, 4),
-                         "mu_rho_relative": round(abs(p.mu_rho - truth.mu_rho) / truth.mu_rho, 4)},
+              "errors": {"seed_mm": round(errors["seed_mm"], 2), "mu_d_relative": round(errors["mu_d_relative"], 4),
+                         "mu_rho_relative": round(errors["mu_rho_relative"], 4)},
               "metrics_vs_truth": {k: round(v, 5) for k, v in scores.items()},
               "later_growth_covered": {k: round(v, 4) for k, v in coverage.items()}}
     write_outputs(result, out_dir, extra=versus)
@@ -666,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--workers", type=int, default=1, help="local Dask worker processes (default 1: in-process)")
     batch.add_argument("--tumor-kind", choices=("concentration", "segmentation"), default="concentration",
                        help="default kind of the tumor images (a CSV column tumor_kind overrides it per case)")
-    batch.add_argument("--tumor-labels", nargs=3, type=int, default=(1, 2, 3),
+    batch.add_argument("--tumor-labels", nargs=3, type=int, default=DEFAULT_TUMOR_LABELS,
                        metavar=("NECROTIC", "EDEMA", "ENHANCING"), help="segmentation labels (default 1 2 3)")
     _add_recurrence_options(batch, per_case=True)
     _add_personalize_options(batch)
@@ -686,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"inversion method (default: {DEFAULT_METHOD})")
     predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                          help="where networks and solver run (default auto: CUDA when present)")
-    predict.add_argument("--tumor-labels", nargs=3, type=int, default=(1, 2, 3),
+    predict.add_argument("--tumor-labels", nargs=3, type=int, default=DEFAULT_TUMOR_LABELS,
                          metavar=("NECROTIC", "EDEMA", "ENHANCING"), help="tumorseg labels (default 1 2 3)")
     predict.set_defaults(handler=command_predict_gbm)
     return parser

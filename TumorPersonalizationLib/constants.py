@@ -27,10 +27,13 @@ GREY_TO_WHITE_DIFFUSIVITY = 0.1
 EDEMA_THRESHOLD = 0.25
 CORE_THRESHOLD = 0.675
 VISIBLE_THRESHOLDS = (EDEMA_THRESHOLD, CORE_THRESHOLD)
+# Label values of a tumor segmentation by default, BraTS 2023's (NECROTIC, EDEMA, ENHANCING); BraTS 2021 files use
+# enhancing = 4. observation.SegmentationLabels' defaults and every tumor-label option's default.
+DEFAULT_TUMOR_LABELS = (1, 2, 3)
 
 # ---- inversion methods ----------------------------------------------------------------------------------------------
-# Names of the inversion methods (inversion.py) and the default: the most accurate method whose median wall time
-# stays within 30 s on 2 CPU cores on brains other than the bundled atlas (benchmarks/inversion.py: the shifted
+# Names of the inversion methods (inversion/methods.py) and the default: the most accurate method whose median wall
+# time stays within 30 s on 2 CPU cores on brains other than the bundled atlas (benchmarks/inversion.py: the shifted
 # brains and nipype's brain). hybrid-fd refines with FD gradients, so a surrogate that is wrong on an unfamiliar
 # brain cannot pull its answer away; hybrid is faster on the atlas but its worst cases on other brains are far worse.
 METHODS = ("hybrid", "hybrid-fd", "gb-surrogate", "direct", "cma-surrogate", "cma-solver")

@@ -18,6 +18,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import numpy as np
 
+from .constants import DEFAULT_TUMOR_LABELS
 from .errors import InputError
 from .geometry import Geometry, Volume
 from .tissue import Tissue, TissueLabels
@@ -424,7 +425,7 @@ def _tumor_region_of(segment_name: str) -> Optional[str]:
     return None
 
 
-def tumor_segment_labels(node, labels: Sequence[int] = (1, 2, 3)) -> Dict[str, int]:
+def tumor_segment_labels(node, labels: Sequence[int] = DEFAULT_TUMOR_LABELS) -> Dict[str, int]:
     """{segment name: label value} for a tumor segmentation; labels = the (NECROTIC, EDEMA, ENHANCING) values.
 
     A segment is recognised by its name (necrotic/NCR/NETC, edema/ED/SNFH, enhancing/ET, any case), or, for names

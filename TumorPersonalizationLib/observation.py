@@ -24,7 +24,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .constants import CORE_THRESHOLD, EDEMA_THRESHOLD
+from .constants import CORE_THRESHOLD, DEFAULT_TUMOR_LABELS, EDEMA_THRESHOLD
 from .errors import InputError
 from .geometry import Geometry, Volume, mask_box, resample_fraction, resample_linear
 
@@ -35,9 +35,9 @@ KINDS = ("concentration", "segmentation")
 class SegmentationLabels:
     """Label values of a tumor segmentation (BraTS 2023 defaults); 0 is background."""
 
-    necrotic: int = 1
-    edema: int = 2
-    enhancing: int = 3
+    necrotic: int = DEFAULT_TUMOR_LABELS[0]
+    edema: int = DEFAULT_TUMOR_LABELS[1]
+    enhancing: int = DEFAULT_TUMOR_LABELS[2]
 
     def __post_init__(self):
         values = (self.necrotic, self.edema, self.enhancing)
@@ -48,6 +48,18 @@ class SegmentationLabels:
     @property
     def all(self) -> Tuple[int, int, int]:
         return (self.necrotic, self.edema, self.enhancing)
+
+
+def labels_from_concentration(concentration, edema_threshold: float = EDEMA_THRESHOLD,
+                              core_threshold: float = CORE_THRESHOLD,
+                              labels: SegmentationLabels = SegmentationLabels()) -> np.ndarray:
+    """A segmentation of a concentration map (array in [0, 1], (k, j, i)) as the imaging model sees it: edema where
+    c >= edema_threshold, enhancing where c >= core_threshold (no necrosis), 0 elsewhere; int16, same shape."""
+    c = np.asarray(concentration)
+    out = np.zeros(c.shape, np.int16)
+    out[c >= edema_threshold] = labels.edema
+    out[c >= core_threshold] = labels.enhancing
+    return out
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ With a single scan, D, rho and the tumor's age T are not separately identifiable
 The solver runs to T = 1 with D_WM = mu_D^2 [mm^2] and rho = mu_rho^2. The front then travels about
 2 * mu_D * mu_rho mm and its width is about mu_D / mu_rho mm.
 """
+import math
 from dataclasses import asdict, dataclass
 from typing import Dict, Sequence, Tuple
 
@@ -17,6 +18,9 @@ from .errors import InputError
 # whole brain (2 * 40 * 12 = 960 mm) long before T = 1 and the map carries no information about the parameters.
 MU_D_MM_BOUNDS: Tuple[float, float] = (0.0, 40.0)
 MU_RHO_BOUNDS: Tuple[float, float] = (0.0, 12.0)
+# The later growth a target plan should cover: the same tumor grown on to this multiple of its age (the demo and the
+# inversion benchmark score plans by it).
+LATER_AGE_FACTOR = 1.5
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,23 @@ class ParameterScaling:
     @classmethod
     def from_dict(cls, data: Dict) -> "ParameterScaling":
         return cls(float(data["seed_offset_half_range_mm"]), tuple(data["mu_d_mm_range"]), tuple(data["mu_rho_range"]))
+
+
+def later_growth(parameters: GrowthParameters, age_factor: float = LATER_AGE_FACTOR) -> GrowthParameters:
+    """The same tumor at `age_factor` times its age: mu_D and mu_rho both scale with sqrt(age) (module docstring),
+    the seed stays. InputError when the grown parameters leave the solver's bounds."""
+    scale = math.sqrt(age_factor)
+    return GrowthParameters(parameters.seed_ras_mm, parameters.mu_d_mm * scale, parameters.mu_rho * scale)
+
+
+def parameter_errors(found: GrowthParameters, truth: GrowthParameters) -> Dict[str, float]:
+    """How far `found` is from `truth`: {"seed_mm": distance of the seeds in mm, "mu_d_relative",
+    "mu_rho_relative": |found - truth| / truth} (unrounded; a zero true mu gives inf or nan)."""
+    seed_mm = float(np.linalg.norm(np.subtract(found.seed_ras_mm, truth.seed_ras_mm)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return {"seed_mm": seed_mm,
+                "mu_d_relative": float(np.divide(abs(found.mu_d_mm - truth.mu_d_mm), truth.mu_d_mm)),
+                "mu_rho_relative": float(np.divide(abs(found.mu_rho - truth.mu_rho), truth.mu_rho))}
 
 
 def _concat_last(*parts):

@@ -307,8 +307,8 @@ def _fit_warnings(observation, fit, space, parameters, problem) -> List[str]:
     if observation.kind == "segmentation" and fit["dice_visible"] < POOR_FIT_DICE:
         warnings.append(f"poor fit: Dice {fit['dice_visible']:.2f} < {POOR_FIT_DICE} between the fitted and the "
                         f"observed visible tumor; do not rely on the infiltration map")
-    if problem._surrogate is not None or problem._inverse is not None:
-        frame = (problem._surrogate.frame if problem._surrogate is not None else problem._inverse[2])
+    frame = problem.network_frame
+    if frame is not None:
         inside = frame.fraction_inside(observation.visible > 0.5)
         if inside < 0.99:
             warnings.append(f"the tumor is larger than the networks' {frame.grid * frame.geometry.spacing_ijk_mm[0]:.0f}"
@@ -327,7 +327,7 @@ def _provenance(method, options, device, work, problem, candidate) -> Dict:
            "observation_kind": problem.observation.kind,
            "imaging_model": dict(problem.observation.imaging.__dict__),
            "models": problem.models_used,
-           "fd_runs_working_grid": problem._fd.runs if problem._fd is not None else 0,
+           "fd_runs_working_grid": problem.fd_runs_working_grid,
            "fd_runs_tissue_grid": problem.tissue_runs,
            "close_calls_not_judged": problem.close_calls_not_judged}
     if candidate.stopped:  # CMA-ES: which of its termination criteria ended the search
@@ -365,7 +365,7 @@ def write_outputs(result: PersonalizationResult, out_dir, picture: bool = True, 
         if extra:
             data.update(extra)
         if picture:  # before parameters.json, which records whether the picture was drawn
-            from .report import save_result_figure_if_possible
+            from .figures import save_result_figure_if_possible
 
             skipped = save_result_figure_if_possible(temporary / "report.png", result)
             data["report_png"] = skipped or "written"

@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .constants import DEFAULT_TUMOR_LABELS
 from .errors import InputError
 from .geometry import Geometry, Volume
 
@@ -107,7 +108,7 @@ def ranked_map(concentration: np.ndarray, brain: np.ndarray, geometry: Geometry,
 
 
 def predict_patient(folder, output_dir, method: Optional[str] = None, device: str = "auto",
-                    tumor_labels: Sequence[int] = (1, 2, 3), progress=None, **personalize_options) -> Path:
+                    tumor_labels: Sequence[int] = DEFAULT_TUMOR_LABELS, progress=None, **personalize_options) -> Path:
     """Personalise one patient folder and write OUTPUT/XXXXX.nii.gz (ranked_map of the concentration, on the
     probability maps' grid). method/device/progress: as pipeline.personalize (None: the default method);
     personalize_options: more keyword arguments of personalize. Returns the written path; raises InputError for a
@@ -130,7 +131,7 @@ def predict_patient(folder, output_dir, method: Optional[str] = None, device: st
 
 
 def predict_gbm(input_dir, output_dir, method: Optional[str] = None, device: str = "auto",
-                tumor_labels: Sequence[int] = (1, 2, 3), log: Optional[Callable[[str], None]] = None,
+                tumor_labels: Sequence[int] = DEFAULT_TUMOR_LABELS, log: Optional[Callable[[str], None]] = None,
                 **personalize_options) -> Tuple[List[Path], Dict[str, str]]:
     """Every patient folder of input_dir into output_dir/XXXXX.nii.gz. A broken folder is logged in one line and
     skipped; the others go on. Returns (written paths, {folder name: error message} of the failed ones).

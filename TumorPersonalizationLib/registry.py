@@ -30,7 +30,7 @@ def _build(kind: str, config: Dict):
 
         return SurrogateUNet(SurrogateConfig.from_dict(config))
     if kind == "inverse":
-        from .inverse import InverseConfig, InverseNet
+        from .inverse_net import InverseConfig, InverseNet
 
         return InverseNet(InverseConfig.from_dict(config))
     raise InputError(f"unknown model kind {kind!r} (expected 'surrogate' or 'inverse')")

@@ -20,21 +20,35 @@ import sys
 from importlib import metadata
 from typing import List, Optional, Sequence, Tuple
 
-# torch: a range that Slicer's PyTorch extension can satisfy (builds for Python 3.9 exist from 2.1 on).
-TORCH_REQUIREMENT = ">=2.1"
-TORCH_MINIMUM = (2, 1)
-# pip requirements of the library's run-time path, by the module name that is imported. Slicer ships scipy; the
-# entry stays so that an install lacking it is completed.
-PIP_REQUIREMENTS = {
-    "scipy": "scipy>=1.7",
-    "cma": "cma>=3.2",
-    "tqdm": "tqdm>=4.60",
-    "threadpoolctl": "threadpoolctl>=3.1",
-}
+# The library's run-time requirements, the one list: the package's dependencies (setup.py reads it for
+# pyproject.toml's build) and, below, what the Slicer module asks for. Each distribution's name is the name its
+# module is imported by.
+RUNTIME_REQUIREMENTS = (
+    # A range, so that Slicer's PyTorch extension can supply torch inside Slicer (>= 2.1: builds for Python 3.9
+    # exist). Development, the Makefile and CI install the exact CPU build through constraints.txt; an
+    # unconstrained install can pull a multi-GB CUDA build.
+    "torch>=2.1",
+    "numpy>=1.21",
+    "SimpleITK>=2.2",
+    "matplotlib>=3.5",
+    "scipy>=1.7",
+    "cma>=3.2",
+    "tqdm>=4.60",
+    # Keeps numpy's BLAS threads off the cores torch is using during a search (pipeline.blas_single_threaded).
+    "threadpoolctl>=3.1",
+)
+_BY_NAME = {re.match(r"[A-Za-z0-9_.-]+", requirement).group(0): requirement for requirement in RUNTIME_REQUIREMENTS}
+# torch comes from Slicer's PyTorch extension, as a version range it can satisfy.
+TORCH_REQUIREMENT = _BY_NAME["torch"][len("torch"):]
+TORCH_MINIMUM = tuple(int(part) for part in TORCH_REQUIREMENT.lstrip(">=").split("."))
 # Used when present, never installed by the module: without matplotlib the report picture is skipped.
 OPTIONAL_PACKAGES = {"matplotlib": "report.png (slices, iso-lines, plans, loss curve)"}
 # Slicer's own packages: never replaced by an install (pinned to the installed versions).
 SLICER_OWNED_PACKAGES = ("numpy", "SimpleITK")
+# pip requirements of the library's run-time path, by the module name that is imported: the rest. Slicer ships
+# scipy; the entry stays so that an install lacking it is completed.
+PIP_REQUIREMENTS = {name: requirement for name, requirement in _BY_NAME.items()
+                    if name != "torch" and name not in OPTIONAL_PACKAGES and name not in SLICER_OWNED_PACKAGES}
 
 
 def module_available(name: str) -> bool:

@@ -83,7 +83,7 @@ class SolverStats:
     end_time: float = 1.0  # < 1 when a stop condition ended the run early
 
 
-# A run's wall time on the benchmark's 2-core CPU is about this many seconds per voxel-stencil (RunPlan.work).
+# A run's wall time on the benchmark's 2-core CPU is about this many seconds per voxel-stencil (RunSchedule.work).
 # benchmarks/solver_cost.py (45 runs on the 1 mm atlas) fits 1.98 ns; a shared machine's speed varies from run to
 # run, and 2.2 ns is kept. With 2.2 ns the prediction is 0.53-1.64x the measured time (median 1.03; large boxes,
 # which miss the cache, cost more per voxel). Where runs are only compared with each other (hybrid's
@@ -292,7 +292,7 @@ def _pad_to(c: torch.Tensor, inner, outer) -> torch.Tensor:
     return F.pad(c, (i0 - I0, I1 - i1, j0 - J0, J1 - j1, k0 - K0, K1 - k1))
 
 
-def plan_steps(operator: TissueOperator, mu_d: np.ndarray, mu_rho: np.ndarray,
+def schedule_steps(operator: TissueOperator, mu_d: np.ndarray, mu_rho: np.ndarray,
                control: StepControl) -> Tuple[List[float], float]:
     """Time steps (summing to 1) for a batch, the most demanding member setting them; and the explicit limit."""
     diffusivity_max = float(np.max(mu_d) ** 2)
@@ -318,7 +318,7 @@ def plan_steps(operator: TissueOperator, mu_d: np.ndarray, mu_rho: np.ndarray,
 
 
 @dataclass
-class RunPlan:
+class RunSchedule:
     """What a run will do, known before it starts: its time steps, RKL2 stages per step, and the active box of each
     phase (phase p ends after step phase_ends[p] - 1)."""
 
@@ -340,10 +340,10 @@ class RunPlan:
         return voxel_stencils
 
 
-def plan_run(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, control: StepControl = StepControl(),
-             phases: int = 4, active_region: bool = True) -> RunPlan:
-    """The plan simulate_tensor follows for a batch (mu_d_mm, mu_rho: (B,) arrays; seed_ras_mm: (B, 3)): steps
-    from plan_steps, their RKL2 stage counts, and per phase the box outside of which the batch's concentration stays
+def schedule_run(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, control: StepControl = StepControl(),
+                 phases: int = 4, active_region: bool = True) -> RunSchedule:
+    """The schedule simulate_tensor follows for a batch (mu_d_mm, mu_rho: (B,) arrays; seed_ras_mm: (B, 3)): steps
+    from schedule_steps, their RKL2 stage counts, and per phase the box outside of which the batch's concentration stays
     below ~1e-8 (the union over members, growing only)."""
     mu_d_np = np.atleast_1d(np.asarray(mu_d_mm, dtype=np.float64))
     mu_rho_np = np.atleast_1d(np.asarray(mu_rho, dtype=np.float64))
@@ -351,7 +351,7 @@ def plan_run(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, control: St
     batch = max(len(mu_d_np), len(mu_rho_np), len(seeds_np))
     mu_d_np, mu_rho_np = np.broadcast_to(mu_d_np, (batch,)), np.broadcast_to(mu_rho_np, (batch,))
     seeds_np = np.broadcast_to(seeds_np, (batch, 3))
-    step_sizes, dt_explicit = plan_steps(operator, mu_d_np, mu_rho_np, control)
+    step_sizes, dt_explicit = schedule_steps(operator, mu_d_np, mu_rho_np, control)
     steps = len(step_sizes)
     stage_counts = [rkl2_stages_for(dt, dt_explicit, control.stability_safety) for dt in step_sizes]
     times = np.cumsum(step_sizes)
@@ -367,12 +367,11 @@ def plan_run(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, control: St
         box = box if active_region else [(0, n) for n in shape]
         boxes.append(box)
         previous = box
-    return RunPlan(step_sizes, dt_explicit, stage_counts, phase_ends, boxes)
+    return RunSchedule(step_sizes, dt_explicit, stage_counts, phase_ends, boxes)
 
 
 def simulate_tensor(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, control: StepControl = StepControl(),
-                    phases: int = 4, active_region: bool = True, checkpoint_segments: Optional[int] = None,
-                    progress: Optional[ProgressCallback] = None, return_stats: bool = False,
+                    active_region: bool = True, progress: Optional[ProgressCallback] = None, return_stats: bool = False,
                     stop: Optional[Callable[[float, torch.Tensor], bool]] = None, cancel=None):
     """Simulate a batch of tumors to T = 1 on the operator's grid.
 
@@ -380,8 +379,8 @@ def simulate_tensor(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, cont
     active_region=False computes every voxel at every step (a reference for the box logic).
     stop(t, c_box): called (without gradients) after every step with the time t in (0, 1] and the solution on the
     active box; when it returns True the run ends there and returns c(t), which is the solution for
-    mu_D sqrt(t), mu_rho sqrt(t) up to the step error (the steps were planned for t = 1, so they are no larger than
-    a run planned for t would take). stats.end_time records t. Used to stop a growing tumor at a target volume.
+    mu_D sqrt(t), mu_rho sqrt(t) up to the step error (the steps were scheduled for t = 1, so they are no larger
+    than a run scheduled for t would take). stats.end_time records t. Used to stop a growing tumor at a target volume.
     progress(fraction, message) is called after every segment of steps; cancel (progress.check_cancel) is checked
     before every segment and raises progress.Cancelled, so a cancelled run stops within one segment (a few steps).
     Returns c of shape (B, K, J, I) on the full grid (and SolverStats if return_stats).
@@ -399,9 +398,9 @@ def simulate_tensor(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, cont
     if np.any(mu_d_np < 0) or np.any(mu_rho_np < 0) or not np.all(np.isfinite(seeds_np)):
         raise InputError("mu_D and mu_rho must be >= 0 and the seed finite")
 
-    plan = plan_run(operator, mu_d_np, mu_rho_np, seeds_np, control, phases, active_region)
-    step_sizes, dt_explicit, stage_counts, phase_ends, boxes = (plan.step_sizes, plan.dt_explicit, plan.stage_counts,
-                                                                 plan.phase_ends, plan.boxes)
+    schedule = schedule_run(operator, mu_d_np, mu_rho_np, seeds_np, control, active_region=active_region)
+    step_sizes, dt_explicit, stage_counts, phase_ends, boxes = (
+        schedule.step_sizes, schedule.dt_explicit, schedule.stage_counts, schedule.phase_ends, schedule.boxes)
     steps, phases = len(step_sizes), len(phase_ends)
     coefficients = {s: rkl2_coefficients(s) for s in set(stage_counts)}
     mu_d_sq = (mu_d * mu_d).view(-1, 1, 1, 1)
@@ -423,8 +422,7 @@ def simulate_tensor(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, cont
     box_bytes = batch * max(int(np.prod([b - a for a, b in box])) for box in boxes) * c0_element_size(dtype)
     stencils_per_segment = max(8, min(math.ceil(math.sqrt(sum(stage_counts))),
                                       int(GRADIENT_SEGMENT_BYTES // (16 * box_bytes))))
-    if checkpoint_segments is None:
-        checkpoint_segments = max(1, int(math.sqrt(steps)))
+    checkpoint_segments = max(1, int(math.sqrt(steps)))  # without gradients: progress and cancel every segment
 
     def advance(c_in, mu_d_sq_in, rho_in, faces, start, count):
         # Also runs again during the backward pass (checkpoint recomputation): a cancel stops a gradient too.

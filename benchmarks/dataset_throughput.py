@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from TumorPersonalizationLib import cluster  # noqa: E402
-from TumorPersonalizationLib.dataset import SampleMaker, generate, recipe_config  # noqa: E402
+from TumorPersonalizationLib.offline.dataset import SampleMaker, generate, recipe_config  # noqa: E402
 
 FIXED_ENVIRON = dict(cluster.LOCAL_WORKER_ENVIRON)
 

@@ -49,13 +49,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from TumorPersonalizationLib.atlas import load_atlas  # noqa: E402
-from TumorPersonalizationLib.constants import CORE_THRESHOLD, DEFAULT_METHOD, EDEMA_THRESHOLD  # noqa: E402
-from TumorPersonalizationLib.dataset import RECIPES, Prior, draw_physical, with_days  # noqa: E402
-from TumorPersonalizationLib.evaluation import summarise  # noqa: E402
+from TumorPersonalizationLib.constants import DEFAULT_METHOD, EDEMA_THRESHOLD  # noqa: E402
+from TumorPersonalizationLib.offline.dataset import RECIPES, Prior, draw_physical, with_days  # noqa: E402
+from TumorPersonalizationLib.offline.evaluation import summarise  # noqa: E402
 from TumorPersonalizationLib.inversion import InversionOptions  # noqa: E402
 from TumorPersonalizationLib.metrics import compare, tumor_volume_cm3  # noqa: E402
 from TumorPersonalizationLib.observation import Observation  # noqa: E402
-from TumorPersonalizationLib.parameters import GrowthParameters  # noqa: E402
+# The case's tumor today thresholded into labels, as the segmentation input is given (other benchmarks import it).
+from TumorPersonalizationLib.observation import labels_from_concentration as segmentation_of  # noqa: E402
+from TumorPersonalizationLib.parameters import LATER_AGE_FACTOR, GrowthParameters, later_growth  # noqa: E402
+from TumorPersonalizationLib.parameters import parameter_errors  # noqa: E402
 from TumorPersonalizationLib.pipeline import personalize  # noqa: E402
 from TumorPersonalizationLib.registry import SHIPPED_MODELS  # noqa: E402
 from TumorPersonalizationLib.plans import later_growth_coverage  # noqa: E402
@@ -77,7 +80,6 @@ SHIFTED_ANATOMY = RECIPES["shifted"]["anatomy"]
 SHIFTED_ANATOMY_STREAM, SHIFTED_TUMOR_STREAM = 9, 10
 NIPYPE_TUMOR_STREAM = 11
 BRAIN_NAMES = {"atlas": "atlas", "shifted": "shifted brains", "nipype": "nipype's 3 mm brain"}
-LATER_AGE_FACTOR = 1.5
 # The networks each method used in rows written before the runs recorded them (the models shipped then).
 LEGACY_MODELS = {"direct": ("inverse32",), "gb-surrogate": ("inverse32", "surrogate32"),
                  "hybrid": ("inverse32", "surrogate32"), "hybrid-fd": ("inverse32", "surrogate32"),
@@ -88,7 +90,7 @@ LEGACY_MODELS = {"direct": ("inverse32",), "gb-surrogate": ("inverse32", "surrog
 # 2 for the methods that start from the inverse net: its answer is averaged with its answer to the left-right
 # mirrored input (InversionOptions.inverse_mirror_average). 3 for hybrid: a close call of the working grid's judge
 # is judged again on the tissue's grid (InversionOptions.tissue_judge_ratio; hybrid-fd's start is chosen as before).
-# 4 for hybrid: that judge's cap prices each run by the work its plan will do (solver.plan_run), not by the clock.
+# 4 for hybrid: that judge's cap prices each run by the work its schedule will do (solver.schedule_run), not by the clock.
 METHOD_REVISIONS = {"cma-surrogate": 2, "cma-solver": 2, "direct": 2, "gb-surrogate": 2, "hybrid": 4,
                     "hybrid-fd": 2}
 # Whether `personalize` held numpy's BLAS to one thread (pipeline.blas_single_threaded, with threadpoolctl): rows
@@ -141,14 +143,14 @@ class Cases:
 
     def anatomy(self, index: int):
         """Case index's anatomy draw (shifted brains only; another stream than the tumor's)."""
-        from TumorPersonalizationLib.augment import draw_anatomy
+        from TumorPersonalizationLib.offline.augment import draw_anatomy
 
         return draw_anatomy(np.random.default_rng([self.seed, index, SHIFTED_ANATOMY_STREAM]), SHIFTED_ANATOMY)
 
     def tissue_of(self, index: int):
         """Case index's brain: the atlas, nipype's brain (built once), or the case's drawn deformation of the atlas
         (~10 s to build; the last 5 are kept, a block of tasks)."""
-        from TumorPersonalizationLib.augment import apply_anatomy
+        from TumorPersonalizationLib.offline.augment import apply_anatomy
 
         if self.brain_kind == "atlas":
             return self.atlas
@@ -223,8 +225,7 @@ class Cases:
             raise RuntimeError(f"case {index}: no draw reached its volume target in 50 draws")
         physical = with_days(physical, plan_days * stats.end_time)
         truth = GrowthParameters(tuple(seed_ras), physical["mu_d_mm"], physical["mu_rho"])
-        later_parameters = GrowthParameters(truth.seed_ras_mm, truth.mu_d_mm * math.sqrt(LATER_AGE_FACTOR),
-                                            truth.mu_rho * math.sqrt(LATER_AGE_FACTOR))
+        later_parameters = later_growth(truth, LATER_AGE_FACTOR)
         with torch.no_grad():
             later = simulate_tensor(operator, [later_parameters.mu_d_mm], [later_parameters.mu_rho], [seed_ras],
                                     control=StepControl(refinement=2.0))[0].numpy()
@@ -236,13 +237,6 @@ class Cases:
         CASE_DIR.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(path, today=today.astype(np.float16), later=later.astype(np.float16),
                             parameters=json.dumps(p))
-
-
-def segmentation_of(today: np.ndarray) -> np.ndarray:
-    labels = np.zeros(today.shape, np.int16)
-    labels[today >= EDEMA_THRESHOLD] = 2
-    labels[today >= CORE_THRESHOLD] = 3
-    return labels
 
 
 def observation_of(tissue, today: np.ndarray, kind: str) -> Observation:
@@ -267,12 +261,12 @@ def run_task(cases: Cases, index: int, method: str, kind: str, forward: Dict):
                          lesion_tissue="keep")
     load_after = os.getloadavg()[0]
     p = result.parameters
+    errors = parameter_errors(p, truth)
     scores = compare(result.concentration.array, today, brain)
     row = {"case": index, "method": method, "kind": kind, "brain": cases.brain_kind, "truth": info,
            "found": p.to_dict(),
-           "metrics": scores, "seed_error_mm": float(np.linalg.norm(np.subtract(p.seed_ras_mm, truth.seed_ras_mm))),
-           "mu_d_relative_error": abs(p.mu_d_mm - truth.mu_d_mm) / truth.mu_d_mm,
-           "mu_rho_relative_error": abs(p.mu_rho - truth.mu_rho) / truth.mu_rho,
+           "metrics": scores, "seed_error_mm": errors["seed_mm"], "mu_d_relative_error": errors["mu_d_relative"],
+           "mu_rho_relative_error": errors["mu_rho_relative"],
            "runtime_s": result.runtime_s, **forward,
            "runtime_in_forward_runs": result.runtime_s / max(forward["forward_1mm_s"], 1e-6),
            "fd_runs_working_grid": result.provenance["fd_runs_working_grid"], "winner": result.provenance["winner"],

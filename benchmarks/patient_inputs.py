@@ -85,7 +85,7 @@ def warped_maps(healthy: Tissue, rng: np.random.Generator) -> Dict[str, np.ndarr
     Returns {"wm", "gm", "csf"} float32 arrays on the tissue's grid (not valid fractions: the library cleans them)."""
     from scipy.ndimage import gaussian_filter, map_coordinates
 
-    from TumorPersonalizationLib.augment import smooth_displacement
+    from TumorPersonalizationLib.offline.augment import smooth_displacement
 
     geometry = healthy.geometry
     displacement = smooth_displacement(rng, geometry, WARP_RMS_MM, WARP_SMOOTHNESS_MM)

@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from TumorPersonalizationLib.dataset import DatasetConfig, SampleBrains, load_dataset  # noqa: E402
+from TumorPersonalizationLib.offline.dataset import DatasetConfig, SampleBrains, load_dataset  # noqa: E402
 from TumorPersonalizationLib.frame import SurrogateFrame  # noqa: E402
 from TumorPersonalizationLib.registry import SHIPPED_MODELS, load_model  # noqa: E402
 from TumorPersonalizationLib.solver import simulate_tensor  # noqa: E402

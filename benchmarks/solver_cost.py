@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""How well a run's plan predicts its wall time: the cost model behind hybrid's close-call cap.
+"""How well a run's schedule predicts its wall time: the cost model behind hybrid's close-call cap.
 
-`solver.plan_run(...).work()` gives, before a run starts, its voxel-stencils (stencil applications times the voxels
+`solver.schedule_run(...).work()` gives, before a run starts, its voxel-stencils (stencil applications times the voxels
 of the active box they run on). This script times forward runs of the FD solver on the bundled
 1 mm atlas (the tissue grid of the inversion benchmark, default steps) over a grid of mu_D, mu_rho and seeds, fits
 seconds = a * voxel_stencils (least relative squares), and reports how far the prediction is off, for single runs
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from TumorPersonalizationLib.atlas import load_atlas  # noqa: E402
 from TumorPersonalizationLib.solver import (SECONDS_PER_VOXEL_STENCIL, StepControl, TissueOperator,  # noqa: E402
-                                            plan_run, simulate_tensor)
+                                            schedule_run, simulate_tensor)
 
 # White matter deep in the right hemisphere (the demo's), a cortical-ish seed and one near the ventricles.
 SEEDS_RAS_MM = [(28.0, -12.0, 24.0), (-40.0, -30.0, 10.0), (18.0, 20.0, 8.0)]
@@ -41,8 +41,8 @@ def main():
     with torch.no_grad():
         simulate_tensor(operator, [6.0], [3.0], [SEEDS_RAS_MM[0]])  # warm-up
         for seed, mu_d, mu_rho in itertools.product(SEEDS_RAS_MM, MU_D_MM, MU_RHO):
-            plan = plan_run(operator, [mu_d], [mu_rho], [seed], StepControl())
-            voxel_stencils, steps = plan.work(), len(plan.step_sizes)
+            schedule = schedule_run(operator, [mu_d], [mu_rho], [seed], StepControl())
+            voxel_stencils, steps = schedule.work(), len(schedule.step_sizes)
             times = []
             for _ in range(2):
                 started = time.perf_counter()
@@ -93,8 +93,8 @@ def main():
     ax.plot([0, top], [0, 1.4 * top], color="0.7", lw=0.8)
     ax.plot([0, top], [0, top / 1.4], color="0.7", lw=0.8)
     ax.set_xlabel("measured forward run (s)")
-    ax.set_ylabel("predicted from the plan (s)")
-    ax.set_title("1 mm atlas: run time from the plan's voxel-stencils\n(grey: a factor 1.4 either way)", fontsize=10)
+    ax.set_ylabel("predicted from the schedule (s)")
+    ax.set_title("1 mm atlas: run time from the schedule's voxel-stencils\n(grey: a factor 1.4 either way)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "solver_cost.png", dpi=120)

@@ -34,15 +34,15 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from TumorPersonalizationLib.dataset import DatasetConfig, SampleBrains, load_dataset  # noqa: E402
+from TumorPersonalizationLib.offline.dataset import DatasetConfig, SampleBrains, load_dataset  # noqa: E402
 from TumorPersonalizationLib.metrics import compare  # noqa: E402
 from TumorPersonalizationLib.parameters import ParameterScaling  # noqa: E402
 from TumorPersonalizationLib.registry import SHIPPED_MODELS, load_model, read_card  # noqa: E402
 from TumorPersonalizationLib.solver import simulate_tensor  # noqa: E402
 from TumorPersonalizationLib.frame import SurrogateFrame  # noqa: E402
-from TumorPersonalizationLib.inverse import MIRROR_AXIS, MIRROR_SIGNS  # noqa: E402
-from TumorPersonalizationLib.evaluation import summarise  # noqa: E402
-from TumorPersonalizationLib.training import (evaluate_inverse, evaluate_surrogate, predict_inverse,  # noqa: E402
+from TumorPersonalizationLib.inverse_net import MIRROR_AXIS, MIRROR_SIGNS  # noqa: E402
+from TumorPersonalizationLib.offline.evaluation import summarise  # noqa: E402
+from TumorPersonalizationLib.offline.training import (evaluate_inverse, evaluate_surrogate, predict_inverse,  # noqa: E402
                                               to_tensors)
 
 
@@ -72,7 +72,7 @@ def fd_resolution_rows(model, arrays, tensors, cube_mm, limit, config):
 
 class MirrorAveragedSurrogate(torch.nn.Module):
     """The surrogate asked twice: its logits for the input and for the left-right mirrored input (tissue flipped
-    along the frame's RAS x axis, the seed's x offset negated; inverse.MIRROR_AXIS / MIRROR_SIGNS), flipped back,
+    along the frame's RAS x axis, the seed's x offset negated; inverse_net.MIRROR_AXIS / MIRROR_SIGNS), flipped back,
     averaged before the sigmoid. A test-time check scored with training.evaluate_surrogate, not what the inversion
     uses: it asks whether the cheapest fix there is (two passes instead of one) closes the gap to the accuracy
     target."""
@@ -113,7 +113,7 @@ def shared_with_training(card, test_arrays):
     """Test samples that drew the same anatomy and seed as a sample of the model's training data (augment.
     shared_samples, on what was drawn, not on the random streams); refuses to score a test set that shares any.
     Returns their count, or a note when the training data are not on this machine."""
-    from TumorPersonalizationLib.augment import shared_samples
+    from TumorPersonalizationLib.offline.augment import shared_samples
 
     train_folder = ROOT / card["training_data"]["path"]
     if not (train_folder / "manifest.json").exists():
@@ -192,7 +192,7 @@ def main():
             inverse, inverse_card = load_model(args.inverse, kind="inverse")
             inverse_scaling = ParameterScaling.from_dict(inverse_card["scaling"])
             # One pass (the network alone), and averaged with the mirrored input's answer as the inversion's direct
-            # method asks it (inverse.predict_mirror_averaged); each for the tumors as concentrations and as
+            # method asks it (inverse_net.predict_mirror_averaged); each for the tumors as concentrations and as
             # BraTS-like segmentations.
             inputs = ("concentration", "segmentation_input") if "segmentation_input" in tensors else ("concentration",)
             for mirror in (False, True):

@@ -19,7 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from TumorPersonalizationLib.inverse import InverseConfig, InverseNet  # noqa: E402
+from TumorPersonalizationLib.inverse_net import InverseConfig, InverseNet  # noqa: E402
 from TumorPersonalizationLib.surrogate import SurrogateConfig, SurrogateUNet  # noqa: E402
 
 CANDIDATES = [

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from TumorPersonalizationLib.dataset import RECIPES, generate, recipe_config  # noqa: E402
+from TumorPersonalizationLib.offline.dataset import RECIPES, generate, recipe_config  # noqa: E402
 from TumorPersonalizationLib.errors import InputError  # noqa: E402
 
 

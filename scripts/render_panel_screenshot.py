@@ -51,7 +51,7 @@ def render(out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     from TumorPersonalizationLib import mrml
-    from TumorPersonalizationLib.report import tissue_background
+    from TumorPersonalizationLib.figures import tissue_background
 
     module, scene, summary, nodes, atlas, tissue_nodes, tumor = personalise_in_the_headless_scene()
     labels = module.TumorPersonalizationLogic.resultLabels(summary)

@@ -42,6 +42,7 @@ _make_library_importable()
 
 from TumorPersonalizationLib import mrml  # noqa: E402
 from TumorPersonalizationLib.cli import tissue_source  # noqa: E402
+from TumorPersonalizationLib.constants import DEFAULT_TUMOR_LABELS  # noqa: E402
 from TumorPersonalizationLib.errors import InputError  # noqa: E402
 
 EXIT_INPUT_ERROR = 2
@@ -69,7 +70,7 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
                                                       "(.seg.nrrd with Necrotic/Edema/Enhancing segments)")
     tumor.add_argument("--tumor-kind", choices=("concentration", "segmentation"), default="concentration",
                        help="what an image given as --tumor holds (default concentration)")
-    tumor.add_argument("--tumor-labels", nargs=3, type=int, default=(1, 2, 3),
+    tumor.add_argument("--tumor-labels", nargs=3, type=int, default=DEFAULT_TUMOR_LABELS,
                        metavar=("NECROTIC", "EDEMA", "ENHANCING"), help="tumor labels (default BraTS 2023: 1 2 3)")
     run = parser.add_argument_group("run")
     run.add_argument("--method", default=None, help="inversion method (default: the library's)")
@@ -235,7 +236,7 @@ def save_outputs(nodes, summary, out_dir: Path, result=None) -> Path:
     temporary = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=str(out_dir.parent)))
     try:
         if result is not None:  # before parameters.json, which records whether the picture was drawn
-            from TumorPersonalizationLib.report import save_result_figure_if_possible
+            from TumorPersonalizationLib.figures import save_result_figure_if_possible
 
             skipped = save_result_figure_if_possible(temporary / "report.png", result)
             summary["report_png"] = skipped or "written"

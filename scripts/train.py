@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from TumorPersonalizationLib.errors import InputError  # noqa: E402
-from TumorPersonalizationLib.training import read_recipe, train  # noqa: E402
+from TumorPersonalizationLib.offline.training import read_recipe, train  # noqa: E402
 
 
 def main(argv=None):

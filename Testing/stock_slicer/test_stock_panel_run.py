@@ -19,7 +19,7 @@ from conftest_slicer import load_module_file, mrml_scene  # noqa: F401  (fixture
 from TumorPersonalizationLib import GrowthParameters, load_atlas, mrml, simulate
 from TumorPersonalizationLib.geometry import Volume
 from TumorPersonalizationLib.processes import pid_alive
-from TumorPersonalizationLib.report import REPORT_SKIPPED
+from TumorPersonalizationLib.figures import REPORT_SKIPPED
 
 TRUE_SEED_RAS_MM = (28.0, -12.0, 24.0)
 

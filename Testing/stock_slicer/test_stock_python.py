@@ -45,8 +45,9 @@ def test_every_shipped_file_compiles_and_every_library_module_runs_here(tmp_path
     for path in files:
         py_compile.compile(str(path), cfile=str(tmp_path / (path.name + "c")), doraise=True)
     stopped_at_torch, imported = [], []
-    for path in sorted(LIBRARY_DIRECTORY.glob("*.py")):
-        name = "TumorPersonalizationLib" + ("" if path.stem == "__init__" else "." + path.stem)
+    for path in sorted(p for p in LIBRARY_DIRECTORY.rglob("*.py") if "__pycache__" not in p.parts):
+        parts = path.relative_to(LIBRARY_DIRECTORY).with_suffix("").parts
+        name = ".".join(("TumorPersonalizationLib",) + (parts[:-1] if parts[-1] == "__init__" else parts))
         try:
             importlib.import_module(name)
             imported.append(name)
@@ -56,7 +57,7 @@ def test_every_shipped_file_compiles_and_every_library_module_runs_here(tmp_path
             assert error.name == "torch", f"{name} needs {error.name}, which a stock Slicer lacks"
             stopped_at_torch.append(name)
     # The library's torch-free layers and the Slicer-facing helpers run completely on this Python.
-    for name in ("geometry", "tissue", "imageio", "atlas", "parameters", "plans", "report", "progress", "mrml",
+    for name in ("geometry", "tissue", "imageio", "atlas", "parameters", "plans", "figures", "progress", "mrml",
                  "processes", "slicer_deps", "errors", "constants"):
         assert f"TumorPersonalizationLib.{name}" in imported, name
     assert "TumorPersonalizationLib.solver" in stopped_at_torch

@@ -36,14 +36,14 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .augment import AnatomyDraw, AnatomyPrior, apply_anatomy, draw_anatomy
-from .constants import CORE_THRESHOLD, EDEMA_THRESHOLD
-from .errors import InputError
-from .imageio import sha256_file
-from .progress import ProgressCallback, check_cancel, report
-from .metrics import tumor_volume_cm3
-from .frame import SurrogateFrame
-from .observation import labels_pseudo_concentration
-from .tissue import Tissue
+from ..constants import CORE_THRESHOLD, EDEMA_THRESHOLD
+from ..errors import InputError
+from ..imageio import sha256_file
+from ..progress import ProgressCallback, check_cancel, report
+from ..metrics import tumor_volume_cm3
+from ..frame import SurrogateFrame
+from ..observation import labels_pseudo_concentration
+from ..tissue import Tissue
 
 FORMAT_VERSION = 3
 
@@ -98,7 +98,7 @@ class DatasetConfig:
         return cls(**data)
 
     def step_control(self):
-        from .solver import StepControl
+        from ..solver import StepControl
 
         return StepControl(max_front_step_voxels=self.front_step_voxels, reaction_accuracy=self.reaction_accuracy)
 
@@ -162,7 +162,7 @@ def _crop_center_kji(concentration: np.ndarray, visible_only: bool = False) -> n
 def atlas_variants(spacing_mm: int) -> List[Tissue]:
     """The four atlases samples are drawn on, indexed by mirrored + 2 * hard_labels: the atlas, its mirror image,
     and both as hard label maps (argmax of the fractions)."""
-    from .atlas import load_atlas
+    from ..atlas import load_atlas
 
     atlas = load_atlas(spacing_mm)
     hard = Tissue.from_labelmap(atlas.volume(atlas.labelmap()))
@@ -173,7 +173,7 @@ class SampleMaker:
     """Makes sample i of a dataset (holds the atlas and its mirror image once per worker)."""
 
     def __init__(self, config: DatasetConfig, device: str = "cpu"):
-        from .solver import TissueOperator
+        from ..solver import TissueOperator
 
         self.config = config
         self.device = device
@@ -244,7 +244,7 @@ class SampleMaker:
 
     def _anatomy(self, variant: int, shape, hard_labels: bool):
         """(tissue, its operator, seed candidates) of a sample: the atlas variant itself, or its drawn anatomy."""
-        from .solver import TissueOperator
+        from ..solver import TissueOperator
 
         if not shape.changes_tissue:
             return self.tissues[variant], self.operators[variant], self.seed_candidates[variant]
@@ -257,7 +257,7 @@ class SampleMaker:
         physical parameters at that age, the concentration and the visible volume."""
         import torch
 
-        from .solver import simulate_tensor
+        from ..solver import simulate_tensor
 
         prior = self.config.prior
         voxel_cm3 = operator.geometry.voxel_volume_mm3() / 1000.0
@@ -303,7 +303,7 @@ class SampleBrains:
         return sample_tissue(self.config, self.variants, self.arrays, n)
 
     def operator(self, tissue: Tissue):
-        from .solver import TissueOperator
+        from ..solver import TissueOperator
 
         shared = next((i for i, v in enumerate(self.variants) if tissue is v), None)
         if shared is None:
@@ -327,7 +327,7 @@ def make_shard(config_dict: Dict, directory: str, shard: int, device: str = "cpu
     worker's torch intra-op threads (1 on a LocalCluster of one process per core, where two processes of two
     threads each on two cores would wait on each other; Dask's workers already start with OMP_NUM_THREADS=1 unless
     the shell sets it, and this makes the setting explicit)."""
-    from .imageio import atomic_write_bytes
+    from ..imageio import atomic_write_bytes
 
     if torch_threads:
         import torch
@@ -376,7 +376,7 @@ def generate(config: DatasetConfig, directory, scheduler: Optional[str] = None, 
 
     def record(result):
         state["shards"][str(result["shard"])] = result
-        from .imageio import atomic_write_bytes
+        from ..imageio import atomic_write_bytes
 
         atomic_write_bytes(state_path, (json.dumps(state, indent=1) + "\n").encode())
         done = len(state["shards"])
@@ -415,7 +415,7 @@ def _dask_client(scheduler: Optional[str], workers: Optional[int]):
         return None, None
     if scheduler:
         return Client(scheduler), None
-    from .cluster import local_cluster
+    from ..cluster import local_cluster
 
     cluster = local_cluster(workers or 1)
     return Client(cluster), cluster
@@ -437,7 +437,7 @@ def _shard_done(directory: Path, state: Dict, shard: int) -> bool:
 
 
 def write_manifest(config: DatasetConfig, directory: Path, state: Dict) -> Dict:
-    from .imageio import atomic_write_bytes
+    from ..imageio import atomic_write_bytes
 
     shards = [state["shards"][str(s)] for s in range(config.shards) if str(s) in state["shards"]]
     summary = {}

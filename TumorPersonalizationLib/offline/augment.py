@@ -20,8 +20,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .geometry import Geometry
-from .tissue import Tissue
+from ..geometry import Geometry
+from ..tissue import Tissue
 
 
 @dataclass(frozen=True)
@@ -308,7 +308,7 @@ def reacquire(tissue: Tissue, rotation: np.ndarray, spacing_ijk_mm: Sequence[flo
     """The tissue as an oblique, anisotropic scan would give it, brought back onto its own grid: resampled onto the
     oblique grid (area-weighted), optionally made hard labels there (a segmentation tool's output), and resampled
     back. The thick slices blur the brain along one oblique axis, as a clinical 3 mm acquisition does."""
-    from .geometry import resample_fraction
+    from ..geometry import resample_fraction
 
     scan = oblique_geometry(tissue.geometry, rotation, spacing_ijk_mm)
     fractions = [resample_fraction(a, tissue.geometry, scan) for a in (tissue.wm, tissue.gm, tissue.csf)]

@@ -14,13 +14,13 @@ import numpy as np
 import torch
 
 from .dataset import load_dataset
-from .errors import InputError
+from ..errors import InputError
 from .evaluation import summarise
-from .inverse import inverse_answer
-from .metrics import compare
-from .parameters import ParameterScaling
-from .progress import ProgressCallback, check_cancel, report
-from .surrogate import brain_mask_from_tissue, masked_bce_with_logits
+from ..inverse_net import inverse_answer
+from ..metrics import compare
+from ..parameters import ParameterScaling
+from ..progress import ProgressCallback, check_cancel, report
+from ..surrogate import brain_mask_from_tissue, masked_bce_with_logits
 
 
 def read_recipe(path) -> Dict:
@@ -85,7 +85,7 @@ def predict_inverse(model, tensors, scaling: ParameterScaling, device="cpu", bat
                     tumor_input: str = "concentration", mirror_average: bool = False) -> Dict[str, np.ndarray]:
     """Predicted and true physical parameters of every sample: seed offsets (mm), mu_D (mm), mu_rho; the network
     shown tensors[tumor_input] ("concentration" or "segmentation_input"); mirror_average=True: the answer averaged
-    with the mirrored input's (inverse.inverse_answer, as the inversion's direct method asks it)."""
+    with the mirrored input's (inverse_net.inverse_answer, as the inversion's direct method asks it)."""
     out = {k: [] for k in ("seed_predicted", "seed_true", "mu_d_predicted", "mu_d_true", "mu_rho_predicted",
                            "mu_rho_true")}
     model.eval()
@@ -144,7 +144,7 @@ def load_initial_weights(model, start, start_config: Dict, config: Dict, start_n
 
 
 def build(recipe: Dict):
-    from .registry import _build
+    from ..registry import _build
 
     return _build(recipe["kind"], recipe["config"])
 
@@ -157,7 +157,7 @@ def train(recipe: Dict, work_dir, device="cpu", progress: Optional[ProgressCallb
     and stops at the last checkpoint (an epoch boundary), from which a later call resumes."""
     from tqdm import tqdm
 
-    from .registry import read_card, save_model
+    from ..registry import read_card, save_model
 
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -186,7 +186,7 @@ def train(recipe: Dict, work_dir, device="cpu", progress: Optional[ProgressCallb
     if recipe.get("initial_weights"):
         # A second stage: start from a registered model (same kind, grid and design), e.g. a longer schedule at a
         # lower learning rate after a first run; the card records which weights it started from.
-        from .registry import load_model
+        from ..registry import load_model
 
         start, start_card = load_model(recipe["initial_weights"], kind=recipe["kind"], grid=grid,
                                        directory=models_directory)
@@ -291,8 +291,8 @@ def _write_check_samples(model, recipe, arrays, scaling, device, models_director
     that the bundled weights still reproduce their card."""
     import io
 
-    from .imageio import atomic_write_bytes
-    from .registry import models_dir
+    from ..imageio import atomic_write_bytes
+    from ..registry import models_dir
 
     subset = {k: v[:CHECK_SAMPLES] for k, v in arrays.items()}
     tensors = to_tensors(subset, scaling)
