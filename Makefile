@@ -17,6 +17,7 @@ demo: setup
 	$(BIN)/tumor-personalization demo --out-dir demo_output
 
 test: setup test-stock-slicer
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q Testing
 
 # ---- the module as a stock 3D Slicer runs it (docs/slicer.md) -----------------------------------------------------

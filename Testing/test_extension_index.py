@@ -25,7 +25,8 @@ def _script():
 def copy(tmp_path):
     """The files the checks read, in a folder of their own."""
     entry = _script()
-    for relative in ("CMakeLists.txt", "TumorPersonalization.json", "LICENSE", entry.ICON_PATH) + entry.SCREENSHOT_PATHS:
+    named = ("CMakeLists.txt", "TumorPersonalization.json", "LICENSE", entry.ICON_PATH) + entry.SCREENSHOT_PATHS
+    for relative in named:
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPOSITORY / relative, tmp_path / relative)
     return tmp_path

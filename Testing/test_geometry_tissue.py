@@ -169,7 +169,8 @@ def test_bundled_atlas_is_plausible_adult_brain():
     assert 400 < volumes["wm"] < 900 and 600 < volumes["gm"] < 1200 and 100 < volumes["csf"] < 400, volumes
     assert np.all(atlas1.wm + atlas1.gm + atlas1.csf <= 1.0 + 2 / 255)
     # Ventricles are CSF: MNI (+/-15, -15, 20) mm lies in the lateral ventricles' bodies.
-    assert atlas1.fractions_at_ras((-16.0, -20.0, 22.0))[2] > 0.5 or atlas1.fractions_at_ras((16.0, -20.0, 22.0))[2] > 0.5
+    assert (atlas1.fractions_at_ras((-16.0, -20.0, 22.0))[2] > 0.5
+            or atlas1.fractions_at_ras((16.0, -20.0, 22.0))[2] > 0.5)
     # 2 mm is the block average of 1 mm (up to 8-bit rounding).
     np.testing.assert_allclose(atlas1.resample(2.0).wm, atlas2.wm, atol=1.5 / 255)
     assert atlas2.geometry.same_grid(atlas1.geometry.with_spacing(2.0))

@@ -159,7 +159,7 @@ def test_lesion_is_the_visible_tumor_grown_in_mm_on_an_anisotropic_grid():
         lesion_mask(np.zeros_like(visible), tissue.geometry, 3.0)
 
 
-# ---- the tissue the model ran on, as an output ------------------------------------------------------------------------
+# ---- the tissue the model ran on, as an output -----------------------------------------------------------------
 def test_written_tissue_reproduces_the_infiltration_through_simulate(atlas_2mm, tmp_path, capsys):
     tissue, visible, core = _tumor_bearing(atlas_2mm, 1)
     Volume(tissue.labelmap(), tissue.geometry).save(tmp_path / "tissue_labels.nii.gz")

@@ -284,7 +284,8 @@ def test_moving_the_surrogate_seed_along_plus_x_moves_the_tumor_along_plus_x_in_
     seeds = np.array([centre + [dx, 0.0, 0.0] for dx in (-12.0, 0.0, 12.0)])
     mu_d, mu_rho = torch.full((3,), 8.0, dtype=torch.float64), torch.full((3,), 3.0, dtype=torch.float64)
     with torch.no_grad():
-        predicted = model(tissue.expand(3, -1, -1, -1, -1), frame.normalise(torch.as_tensor(seeds), mu_d, mu_rho).float())
+        parameters = frame.normalise(torch.as_tensor(seeds), mu_d, mu_rho).float()
+        predicted = model(tissue.expand(3, -1, -1, -1, -1), parameters)
         solved = simulate_tensor(TissueOperator(atlas), mu_d, mu_rho, seeds).numpy()
     for seed in seeds:
         assert atlas.brain_mask[tuple(np.round(atlas.geometry.ras_to_index_kji(seed)).astype(int))]

@@ -19,7 +19,8 @@ def test_every_package_folder_of_the_library_is_packaged():
     listed = set(pyproject()["tool"]["setuptools"]["packages"])
     library = REPOSITORY / "TumorPersonalizationLib"
     folders = {".".join(p.parent.relative_to(REPOSITORY).parts) for p in library.rglob("__init__.py")}
-    assert {"TumorPersonalizationLib", "TumorPersonalizationLib.inversion", "TumorPersonalizationLib.offline"} <= folders
+    wanted = {"TumorPersonalizationLib", "TumorPersonalizationLib.inversion", "TumorPersonalizationLib.offline"}
+    assert wanted <= folders
     assert listed == folders
 
 

@@ -510,8 +510,9 @@ def test_personalize_records_why_cma_stopped():
 
 def test_the_search_runs_with_numpys_blas_on_one_thread_and_lifts_the_limit_after(atlas_case, monkeypatch):
     """OpenBLAS's threads, left spinning after a numpy/scipy call, compete with torch's threads for the cores: on 2
-    cores the default method ran up to 1.8x as long on small tumors (benchmarks/timing_repeats.json). The search runs with BLAS held to
-    the calling thread, and the caller's setting comes back afterwards, also when the run ends in an exception."""
+    cores the default method ran up to 1.8x as long on small tumors (benchmarks/timing_repeats.json). The search runs
+    with BLAS held to the calling thread, and the caller's setting comes back afterwards, also when the run ends in
+    an exception."""
     from threadpoolctl import threadpool_info, threadpool_limits
 
     import TumorPersonalizationLib.pipeline as pipeline

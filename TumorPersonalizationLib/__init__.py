@@ -7,7 +7,8 @@ from .geometry import Geometry, Volume
 from .parameters import GrowthParameters
 from .tissue import Tissue, TissueLabels
 
-__all__ = ["Geometry", "GrowthParameters", "InputError", "Tissue", "TissueLabels", "Volume", "load_atlas", "personalize",
+__all__ = ["Geometry", "GrowthParameters", "InputError", "Tissue", "TissueLabels", "Volume", "load_atlas",
+           "personalize",
            "simulate"]
 __version__ = "0.1.0"
 

@@ -171,7 +171,7 @@ class Volume:
         return cls.from_sitk(read_image(path))
 
 
-# ---- grid helpers (shared by tissue, tumor observations, the surrogate frame and outputs) ----------------------------------------------
+# ---- grid helpers (shared by tissue, tumor observations, the surrogate frame and outputs) ---------------------------
 def cube_box_kji(geometry: Geometry, center_ras_mm, size_mm: float):
     """Index box [(k0,k1),(j0,j1),(i0,i1)] of a cube of side size_mm around a RAS point (may reach outside)."""
     center = geometry.ras_to_index_kji(center_ras_mm)
@@ -259,9 +259,9 @@ def resample_fraction(array: np.ndarray, source: Geometry, target: Geometry,
     factors = _integer_factors(source, target)
     if factors is not None and target.same_grid(source.with_spacing(target.spacing_ijk_mm)):
         if reference_mean:
-            (fk, fj, fi), (K, J, I) = factors, target.shape_kji
-            block = np.asarray(array)[: K * fk, : J * fj, : I * fi].astype(np.float32)
-            return block.reshape(K, fk, J, fj, I, fi).mean(axis=(1, 3, 5))
+            (fk, fj, fi), (nk, nj, ni) = factors, target.shape_kji
+            block = np.asarray(array)[: nk * fk, : nj * fj, : ni * fi].astype(np.float32)
+            return block.reshape(nk, fk, nj, fj, ni, fi).mean(axis=(1, 3, 5))
         return block_mean(array, factors, target.shape_kji)
     return np.clip(resample_linear(array, source, target, antialias=True), 0.0, 1.0)
 

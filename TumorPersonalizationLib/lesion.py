@@ -3,8 +3,9 @@
 A patient's own tissue segmentation is of the brain *with* its tumor: segmentation tools label a dark necrotic or
 enhancing core as CSF (or cut it out of the brain), and oedema as grey matter. Tumor cells cannot live in CSF or
 background in the model (no flux into CSF), so the fit then explains the tumor from its rim only (docs/model.md, "A
-tumor-bearing brain": NCC 0.13 with the core as CSF, against 0.99 with healthy labels). The field's answer (the seed paper's preprocessing,
-PREDICT-GBM) is healthy tissue from an atlas registered to the patient with the lesion kept out of the metric.
+tumor-bearing brain": NCC 0.13 with the core as CSF, against 0.99 with healthy labels). The field's answer (the seed
+paper's preprocessing, PREDICT-GBM) is healthy tissue from an atlas registered to the patient with the lesion kept out
+of the metric.
 
 The lesion is the tumor's visible part (every segmentation label, or c >= the edema threshold for a concentration)
 grown by LESION_GROW_MM, so the partial-volume rim a segmentation tool leaves around it is refilled too. Inside the

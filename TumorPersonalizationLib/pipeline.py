@@ -311,7 +311,8 @@ def _fit_warnings(observation, fit, space, parameters, problem) -> List[str]:
     if frame is not None:
         inside = frame.fraction_inside(observation.visible > 0.5)
         if inside < 0.99:
-            warnings.append(f"the tumor is larger than the networks' {frame.grid * frame.geometry.spacing_ijk_mm[0]:.0f}"
+            frame_mm = frame.grid * frame.geometry.spacing_ijk_mm[0]
+            warnings.append(f"the tumor is larger than the networks' {frame_mm:.0f}"
                             f" mm frame ({100 * (1 - inside):.0f} % of it outside): their estimate is less reliable")
     return warnings
 

@@ -14,9 +14,10 @@ Both register affine (the T1 rigid first) then deformable (a cubic B-spline on a
 SimpleITK, on a 3 mm copy of the patient's image in the patient's own orientation, initialised by matching the
 images' centres of mass (moments), so that any orientation and field of view of the patient's grid is handled. The
 lesion (dilated by LESION_MARGIN_MM) is outside the metric's fixed mask, so nothing inside it pulls on the
-transform and the B-spline carries the surrounding brain's deformation across it. Transforms map patient points to atlas points (fixed = patient, moving = atlas), in
-SimpleITK's physical (LPS) coordinates; the atlas's fractions are pulled back onto the patient's own grid by linear
-interpolation (fractions stay fractions: a convex combination of fractions summing to at most 1).
+transform and the B-spline carries the surrounding brain's deformation across it. Transforms map patient points to
+atlas points (fixed = patient, moving = atlas), in SimpleITK's physical (LPS) coordinates; the atlas's fractions
+are pulled back onto the patient's own grid by linear interpolation (fractions stay fractions: a convex combination
+of fractions summing to at most 1).
 The moving images are the bundled 2 mm atlas (the template T1 and the tissue maps share its grid).
 
 Each result carries a quality figure measured outside the lesion and `passed` (quality at or above a documented

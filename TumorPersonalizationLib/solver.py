@@ -33,11 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _dynamo_guarded_checkpoint
 
-# torch wraps checkpoint() so that its first call imports torch._dynamo (1.5-2.5 s on this machine, once per process:
-# most of the first FD gradient of a command-line personalisation). The solver is never compiled, so the guard has
-# nothing to do here; functools.wraps keeps the plain function, used when present.
-checkpoint = getattr(_dynamo_guarded_checkpoint, "__wrapped__", _dynamo_guarded_checkpoint)
-
 from .constants import (BRAIN_FRACTION_THRESHOLD, GREY_TO_WHITE_DIFFUSIVITY, INITIAL_AMPLITUDE,  # noqa: F401
                         INITIAL_CUTOFF, INITIAL_RADIUS_MM, INITIAL_WIDTH_MM2)
 from .errors import InputError
@@ -45,6 +40,11 @@ from .geometry import Volume, resample_linear
 from .parameters import GrowthParameters
 from .progress import ProgressCallback, check_cancel, report
 from .tissue import Tissue
+
+# torch wraps checkpoint() so that its first call imports torch._dynamo (1.5-2.5 s on this machine, once per process:
+# most of the first FD gradient of a command-line personalisation). The solver is never compiled, so the guard has
+# nothing to do here; functools.wraps keeps the plain function, used when present.
+checkpoint = getattr(_dynamo_guarded_checkpoint, "__wrapped__", _dynamo_guarded_checkpoint)
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,8 @@ LEGACY_MODELS = {"direct": ("inverse32",), "gb-surrogate": ("inverse32", "surrog
 # 2 for the methods that start from the inverse net: its answer is averaged with its answer to the left-right
 # mirrored input (InversionOptions.inverse_mirror_average). 3 for hybrid: a close call of the working grid's judge
 # is judged again on the tissue's grid (InversionOptions.tissue_judge_ratio; hybrid-fd's start is chosen as before).
-# 4 for hybrid: that judge's cap prices each run by the work its schedule will do (solver.schedule_run), not by the clock.
+# 4 for hybrid: that judge's cap prices each run by the work its schedule will do (solver.schedule_run), not by the
+# clock.
 METHOD_REVISIONS = {"cma-surrogate": 2, "cma-solver": 2, "direct": 2, "gb-surrogate": 2, "hybrid": 4,
                     "hybrid-fd": 2}
 # Whether `personalize` held numpy's BLAS to one thread (pipeline.blas_single_threaded, with threadpoolctl): rows
@@ -512,8 +513,8 @@ def write_table(summary, path):
              "timing_repeats.json). Networks: {}.".format(", ".join(map(str, summary["threads"])),
                                           ", ".join(summary["models"].values())), "",
              "| method (input) | cases | MSE (1e-3) | MAE (1e-2) | norm. MSE | norm. MAE | NCC | NCC worst 5 % | "
-             "seed error mm | mu_D rel. err. | mu_rho rel. err. | wall time s (median) | × 1 mm forward runs: max (cases > 4) | "
-             "clean |",
+             "seed error mm | mu_D rel. err. | mu_rho rel. err. | wall time s (median) | "
+             "× 1 mm forward runs: max (cases > 4) | clean |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in summary["methods"].items():
         if "earlier_sitting" in e:
@@ -565,11 +566,13 @@ def write_table(summary, path):
               if "versus_cma_solver_same_cases" in e]
     if versus:
         lines += ["", "Against cma-solver on the same cases:", "",
-                  "| method | cases | wall-time ratio (cma-solver / method) | NCC | NCC cma-solver |", "|---|---|---|---|---|"]
+                  "| method | cases | wall-time ratio (cma-solver / method) | NCC | NCC cma-solver |",
+                  "|---|---|---|---|---|"]
         for name, v in versus:
             if not v.get("same_sitting", True):
                 name += " (a pair from different sittings: timings not comparable)"
-            lines.append(f"| {name} | {v['cases']} | {v['speed_up']:.0f}x | {v['ncc']:.4f} | {v['ncc_cma_solver']:.4f} |")
+            lines.append(f"| {name} | {v['cases']} | {v['speed_up']:.0f}x | {v['ncc']:.4f} "
+                         f"| {v['ncc_cma_solver']:.4f} |")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -265,7 +265,8 @@ def write_markdown(summary, path: Path, title_note: str = ""):
     lines = [f"# Personalisation on patients' inputs{title_note}", "",
              f"Patients: {summary['brains']['shifted']} on shifted brains, {summary['brains']['nipype']} on nipype's "
              "template brain; tumors given as BraTS segmentations (core >= 0.675, oedema >= 0.25 of the hidden "
-             f"truth); default method; 2-core CPU, torch threads {summary['threads']}. NCC against the truth inside the healthy brain (WM+GM >= 0.1); "
+             f"truth); default method; 2-core CPU, torch threads {summary['threads']}. NCC against the truth inside "
+             "the healthy brain (WM+GM >= 0.1); "
              "coverage: share of the later growth (the same tumor at 1.5x its age) inside each plan at the 15 mm "
              "plan's volume, all plans on the healthy brain; leads are paired differences, mean ± standard error.",
              "", f"Reference: `{summary['reference']}`. Targets: mean NCC within {NCC_TOLERANCE} of the reference "

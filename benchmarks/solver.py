@@ -69,7 +69,8 @@ def run_case(operator, mu_d, mu_rho, refinement, repeats, with_reference=True):
         "mu_d_mm": mu_d, "mu_rho": mu_rho, "wall_s": statistics.median(times), "repeats": len(times),
         "steps": stats.steps, "max_stages_per_step": stats.max_stages_per_step,
         "stencil_applications": stats.stencil_applications,
-        "explicit_steps_for_stability": stats.explicit_steps_for_stability, "active_voxels_final": stats.active_voxels_final,
+        "explicit_steps_for_stability": stats.explicit_steps_for_stability,
+        "active_voxels_final": stats.active_voxels_final,
         "grid_voxels": stats.grid_voxels, "peak_rss_mb": round(peak_mb, 1),
         "peak_rss_above_start_mb": round(peak_mb - baseline_mb, 1),
     }

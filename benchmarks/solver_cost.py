@@ -94,7 +94,8 @@ def main():
     ax.plot([0, top], [0, top / 1.4], color="0.7", lw=0.8)
     ax.set_xlabel("measured forward run (s)")
     ax.set_ylabel("predicted from the schedule (s)")
-    ax.set_title("1 mm atlas: run time from the schedule's voxel-stencils\n(grey: a factor 1.4 either way)", fontsize=10)
+    ax.set_title("1 mm atlas: run time from the schedule's voxel-stencils\n(grey: a factor 1.4 either way)",
+                 fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "solver_cost.png", dpi=120)

@@ -16,7 +16,8 @@ is on this machine) for samples that drew the same anatomy and seed (augment.sha
 a test set that shares any, and records the count as shared_with_training.
 
     python benchmarks/surrogate.py --model surrogate32 --test data/test32
-    python benchmarks/surrogate.py --model surrogate32 --test data/test32_shifted --out benchmarks/surrogate_shifted.json
+    python benchmarks/surrogate.py --model surrogate32 --test data/test32_shifted \
+        --out benchmarks/surrogate_shifted.json
 (the shifted test set: brains deformed beyond the training range, half re-acquired on oblique 3 mm slices; each
 sample is re-run at FD resolution on its own brain, rebuilt from its stored draw).
 """

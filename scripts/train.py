@@ -30,7 +30,8 @@ def main(argv=None):
     try:
         recipe = read_recipe(args.recipe)
         card = train(recipe, args.work_dir or ROOT / "runs" / recipe["name"], device=args.device,
-                     progress=lambda fraction, line: print(line, file=sys.stderr, flush=True), max_epochs=args.max_epochs)
+                     progress=lambda fraction, line: print(line, file=sys.stderr, flush=True),
+                     max_epochs=args.max_epochs)
     except InputError as error:
         print(f"train: error: {error}", file=sys.stderr)
         return 2

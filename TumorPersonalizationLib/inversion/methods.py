@@ -129,7 +129,8 @@ def fd_polish(problem: Problem, start: Candidate) -> Candidate:
     p0 = start.parameters
     space = problem.space.with_ranges(
         (max(problem.space.mu_d_range[0], p0.mu_d_mm / factor), min(problem.space.mu_d_range[1], p0.mu_d_mm * factor)),
-        (max(problem.space.mu_rho_range[0], p0.mu_rho / factor), min(problem.space.mu_rho_range[1], p0.mu_rho * factor)))
+        (max(problem.space.mu_rho_range[0], p0.mu_rho / factor),
+         min(problem.space.mu_rho_range[1], p0.mu_rho * factor)))
     parameters, loss = lbfgs_b(problem, space, lambda s, d, r: fd.losses(s, d, r, problem.cancel),
                                space.project(start.parameters), "hybrid-fd: FD gradients", "fd",
                                problem.options.fd_iterations, problem.options.fd_max_evaluations, 1e-9,

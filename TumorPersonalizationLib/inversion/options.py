@@ -33,10 +33,10 @@ class InversionOptions:
     tissue_judge_ratio: float = 1.5
     # ... as long as the whole search stays within this many runs of the working grid's winner on the tissue's
     # grid: the networks (tissue_judge_fixed_s), the working grid's judge runs and the tissue-grid runs, each run's
-    # cost predicted from its schedule (solver.schedule_run(...).work(), the voxel-stencils it will compute), not measured,
-    # so the same input gets the same answer on any machine and under any load; otherwise the working grid's winner
-    # stays. A runner-up with a larger mu_D than the winner can cost several of its runs, so pricing it by the
-    # winner's first run alone lets the search exceed the cap (benchmarks/README.md, the inversion benchmark).
+    # cost predicted from its schedule (solver.schedule_run(...).work(), the voxel-stencils it will compute), not
+    # measured, so the same input gets the same answer on any machine and under any load; otherwise the working
+    # grid's winner stays. A runner-up with a larger mu_D than the winner can cost several of its runs, so pricing it
+    # by the winner's first run alone lets the search exceed the cap (benchmarks/README.md, the inversion benchmark).
     tissue_judge_max_runs: float = 3.5
     # The networks' and the pipeline's fixed cost before the judge, in seconds of the benchmark's 2-core CPU (where
     # solver.SECONDS_PER_VOXEL_STENCIL was fitted): on the 1 mm atlas, hybrid runs without a close call take a

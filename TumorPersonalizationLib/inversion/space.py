@@ -109,7 +109,8 @@ class SearchSpace:
         The distance transform runs on the allowed voxels' bounding box (grown to hold index_kji when it lies
         outside): every allowed voxel is in that box, so the answer is the whole grid's, ties included (checked
         voxel by voxel against the whole grid's transform in the tests), at a fraction of the cost: on the 1 mm
-        atlas the whole grid's index arrays alone are 3 x 7.2 M int64 (173 MB), and the box is a small part of the grid."""
+        atlas the whole grid's index arrays alone are 3 x 7.2 M int64 (173 MB), and the box is a small part of the
+        grid."""
         from scipy.ndimage import distance_transform_edt
 
         index_kji = np.asarray(index_kji, dtype=int)
