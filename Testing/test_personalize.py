@@ -303,7 +303,7 @@ def test_personalize_takes_the_judges_tissue_grid_run_as_its_final_run(atlas_cas
     stages = [h["stage"] for h in result.history]
     assert stages.count("hybrid: FD judge (tissue grid)") == 2 == result.provenance["fd_runs_tissue_grid"]
     assert stages[-1] == "final FD run (tissue grid, the judge's)"
-    np.testing.assert_allclose(result.concentration.array, simulate(tissue, result.parameters).array, atol=1e-6)
+    np.testing.assert_allclose(result.concentration.array, simulate(result.tissue, result.parameters).array, atol=1e-6)
     off = personalize(tissue, Observation.from_volume(hidden), method="hybrid", device="cpu",
                       working_spacing_mm=3.0, options=InversionOptions(tissue_judge_ratio=0.0))
     assert off.provenance["fd_runs_tissue_grid"] == 1
@@ -379,7 +379,10 @@ def test_personalize_writes_the_forward_run_of_its_parameters(atlas_case, tmp_pa
     from TumorPersonalizationLib.geometry import Volume
 
     infiltration = Volume.load(out / "infiltration.nii.gz")
-    rerun = simulate(tissue, GrowthParameters.from_dict(written))
+    from TumorPersonalizationLib.tissue import Tissue
+
+    # The written map is the forward run of the written parameters on the written tissue (the one the model ran on).
+    rerun = simulate(Tissue.from_file(out / "tissue.nii.gz"), GrowthParameters.from_dict(written))
     assert np.abs(infiltration.array - rerun.array).max() < 1e-5
     assert written["provenance"]["models"][SHIPPED_MODELS["surrogate"]]["sha256"]
     assert written["plans"]["standard_cm3"] == written["plans"]["model_cm3"]
@@ -503,7 +506,7 @@ def test_personalize_records_why_cma_stopped():
     problem = _slab_problem()
     observation = Observation.from_volume(problem.tissue.volume(problem.observation.concentration))
     result = personalize(problem.tissue, observation, method="cma-solver", device="cpu", working_spacing_mm=None,
-                         options=InversionOptions(cma_solver_budget=24, seed_margin_mm=8.0))
+                         options=InversionOptions(cma_solver_budget=24, seed_margin_mm=8.0), lesion_tissue="keep")
     assert "maxfevals" in result.provenance["stopped"]
     assert len(result.history) <= 24 + 10  # the budget, finishing the generation it ends in
 

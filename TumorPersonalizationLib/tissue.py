@@ -19,6 +19,9 @@ from .imageio import read_image
 # them the maps are refused as not probability maps at all.
 FRACTION_EXCURSION_LIMIT = 0.05
 FRACTION_SUM_LIMIT = 1.10
+# Sums up to this much over 1 are rounding, not overlap: maps stored as bytes (value / 255, as the bundled atlas) add
+# up to 1 + 3 * 0.5 / 255 and are left as they are, so that a tissue written and read back is the same tissue.
+FRACTION_SUM_ROUNDING = 0.01
 # Three maps whose grids differ by at most this share of a voxel (at any corner of the image) are one grid written
 # with rounding differences: they are resampled onto the WM map's grid.
 GRID_MISMATCH_LIMIT_VOXELS = 0.1
@@ -218,7 +221,7 @@ def grid_mismatch_voxels(a: Geometry, b: Geometry) -> float:
 
 def clean_fractions(arrays: Sequence[np.ndarray], names: Sequence[str], geometry: Geometry):
     """Probability maps with small excursions made fractions: each map clipped to [0, 1], then the three divided by
-    their sum where it exceeds 1. Returns (arrays, notes); notes is empty when nothing changed.
+    their sum where it exceeds 1 + FRACTION_SUM_ROUNDING. Returns (arrays, notes); notes is empty when nothing changed.
 
     Raises InputError naming the map and the value when a map leaves [0, 1] by more than FRACTION_EXCURSION_LIMIT,
     or naming the voxel's sum when the maps add up to more than FRACTION_SUM_LIMIT (not probability maps)."""
@@ -236,11 +239,11 @@ def clean_fractions(arrays: Sequence[np.ndarray], names: Sequence[str], geometry
         raise InputError(f"WM + GM + CSF maps add up to {worst_sum:.3g} in a voxel: probability maps must sum to at "
                          f"most 1 (up to {FRACTION_SUM_LIMIT:g} is renormalised)")
     excursion = max(max(float(-a.min()), float(a.max()) - 1.0) for a in arrays)
-    if excursion <= 1e-6 and worst_sum <= 1.0 + 1e-6:
+    if excursion <= 1e-6 and worst_sum <= 1.0 + FRACTION_SUM_ROUNDING:
         return arrays, []
     clipped = [np.clip(a, 0.0, 1.0) for a in arrays]
     total = sum(clipped)
-    over = total > 1.0
+    over = total > 1.0 + FRACTION_SUM_ROUNDING
     cleaned = [np.where(over, a / np.maximum(total, 1e-12), a).astype(np.float32) for a in clipped]
     changed = np.zeros(total.shape, bool)
     for before, after in zip(arrays, cleaned):
