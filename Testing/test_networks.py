@@ -205,14 +205,15 @@ def test_a_network_with_seed_fields_starts_as_the_one_it_grows_from():
 
 
 def reproduce_check_samples(name, directory=None):
-    """Recompute a model's metrics on the held-out samples stored beside it; return (recomputed, card's)."""
+    """Recompute a model's metrics on its held-out check samples (stored beside a freshly trained model; for the shipped
+    models in scripts/recipes/checks, outside the shipped tree); return (recomputed, card's)."""
     from pathlib import Path
 
-    from TumorPersonalizationLib.registry import models_dir
     from TumorPersonalizationLib.offline.training import evaluate_inverse, evaluate_surrogate, to_tensors
 
     model, card = load_model(name, directory=directory)
-    directory = Path(directory) if directory is not None else models_dir()
+    directory = (Path(directory) if directory is not None
+                 else Path(__file__).resolve().parents[1] / "scripts" / "recipes" / "checks")
     with np.load(directory / card["check_samples"]["file"]) as stored:
         arrays = {k: stored[k] for k in stored.files}
     scaling = ParameterScaling.from_dict(card["scaling"])
