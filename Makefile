@@ -18,7 +18,7 @@ demo: setup
 
 test: setup test-stock-slicer
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q Testing
+	$(BIN)/python -m pytest -q --durations=15 Testing
 
 # ---- the module as a stock 3D Slicer runs it (docs/slicer.md) -----------------------------------------------------
 # Environments holding only what a Slicer release ships (its SuperBuild's numpy, scipy, SimpleITK; no matplotlib,
