@@ -16,8 +16,8 @@ hybrid-fd the same cases are also given as segmentations (thresholded at 0.25 / 
 the 15 mm plan, a model-free plan (labels weighted 0.9 core / 0.45 edema, blurred by a 3 mm Gaussian, ranked) and the
 true parameters' plan, all at equal volume.
 
-Resumable: every finished (case, method, input, brain) appends one line to benchmarks/inversion_runs.jsonl and is
-skipped when the script runs again; tasks run in priority order, in blocks of 5 cases (the four fast methods, the
+Resumable: every finished (case, method, input, brain) appends one line to
+benchmarks/results/inversion_runs.jsonl.gz and is skipped when the script runs again; tasks run in priority order, in blocks of 5 cases (the four fast methods, the
 segmentation fits, the same on shifted brains, cma-surrogate on the first 20 cases, cma-solver on the first 5). The
 1-minute load average is recorded beside every timing: do not trust a time taken while other jobs shared the cores
 (load above ~2.5 on this 2-core machine).
@@ -33,6 +33,7 @@ grid), and on --nipype-cases cases (default 15) on another template brain from a
 trained on.
 """
 import argparse
+import gzip
 import importlib.util
 import json
 import math
@@ -69,7 +70,8 @@ BENCHMARKED_METHODS = FAST_METHODS + ("cma-surrogate", "cma-solver")
 # Segmentation input, the clinical case: the default method and the most accurate one (when they differ).
 SEGMENTATION_METHODS = tuple(dict.fromkeys((DEFAULT_METHOD, "hybrid-fd")))
 CLEAN_LOAD = 2.5
-RUNS = ROOT / "benchmarks" / "inversion_runs.jsonl"
+# Every run's row, gzip-compressed (appended as one gzip member per row; readers see one stream).
+RUNS = ROOT / "benchmarks" / "results" / "inversion_runs.jsonl.gz"
 CASE_DIR = ROOT / "data" / "inversion_cases"
 VOLUME_RANGE_CM3 = (2.0, 120.0)
 BRAINS = ("atlas", "shifted", "nipype")
@@ -345,7 +347,8 @@ def row_key(row):
 def read_runs():
     if not RUNS.exists():
         return []
-    return [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
+    with gzip.open(RUNS, "rt") as stream:
+        return [json.loads(line) for line in stream if line.strip()]
 
 
 def latest_per_task(rows):
@@ -687,7 +690,7 @@ def main():
             forwards[(brain, index)] = cases[brain].forward_seconds(index)
         row = run_task(cases[brain], index, method, kind, forwards[(brain, index)])
         row["seed"] = args.seed
-        with open(RUNS, "a") as stream:
+        with gzip.open(RUNS, "at") as stream:
             stream.write(json.dumps(row) + "\n")
         print(f"case {index} ({brain}) {method} ({kind}): NCC {row['metrics']['ncc']:.4f}, "
               f"seed {row['seed_error_mm']:.1f} mm, "

@@ -4,7 +4,7 @@
 The inversion benchmark times every (case, method) once. On a shared 2-core machine one timing of a 3-5 s run can
 be off by tens of percent, and the target is judged on the worst case, the one where a single noisy timing matters
 most. This script takes the --top atlas cases whose default-method runs came closest to the target in
-benchmarks/inversion_runs.jsonl and times them again, --repeats rounds, both input kinds (concentration and
+benchmarks/results/inversion_runs.jsonl.gz and times them again, --repeats rounds, both input kinds (concentration and
 segmentation), exactly as the benchmark does (benchmarks/inversion.py: the same cases, the same Observation, the
 same `personalize(..., device="cpu", options=InversionOptions())`, the yardstick `simulate(tissue, truth)` best of
 two). Rounds are interleaved (round 1 of every case, then round 2, ...), so a slow spell of the machine falls on all
@@ -148,7 +148,7 @@ def main():
 
     shots = single_shots(args.seed)
     if not shots:
-        raise SystemExit(f"no current {DEFAULT_METHOD} rows in benchmarks/inversion_runs.jsonl: run "
+        raise SystemExit(f"no current {DEFAULT_METHOD} rows in benchmarks/results/inversion_runs.jsonl.gz: run "
                          "benchmarks/inversion.py first")
     cases_run = hardest_cases(shots, args.top)
     missing = [(c, k) for c in cases_run for k in KINDS if (c, k) not in shots]

@@ -41,7 +41,7 @@ class InversionOptions:
     # The networks' and the pipeline's fixed cost before the judge, in seconds of the benchmark's 2-core CPU (where
     # solver.SECONDS_PER_VOXEL_STENCIL was fitted): on the 1 mm atlas, hybrid runs without a close call take a
     # median 0.8 s more than one forward run of the true parameters, working-grid runs included
-    # (benchmarks/inversion_runs.jsonl).
+    # (benchmarks/results/inversion_runs.jsonl.gz).
     tissue_judge_fixed_s: float = 0.75
     # The inverse net's answer averaged with its answer to the left-right mirrored input (one more pass of a few
     # ms; inverse_net.predict_mirror_averaged). False: one pass.
