@@ -18,9 +18,9 @@ true parameters' plan, all at equal volume.
 
 Resumable: every finished (case, method, input, brain) appends one line to
 benchmarks/results/inversion_runs.jsonl.gz and is skipped when the script runs again; tasks run in priority order,
-in blocks of 5 cases (the four fast methods, the segmentation fits, the same on shifted brains, cma-surrogate on the first 20 cases, cma-solver on the first 5). The
-1-minute load average is recorded beside every timing: do not trust a time taken while other jobs shared the cores
-(load above ~2.5 on this 2-core machine).
+in blocks of 5 cases (the four fast methods, the segmentation fits, the same on shifted brains, cma-surrogate on the
+first 20 cases, cma-solver on the first 5). The 1-minute load average is recorded beside every timing: do not trust a
+time taken while other jobs shared the cores (load above ~2.5 on this 2-core machine).
 
     python benchmarks/inversion.py --cases 50 --hours 1.5      # run (resumes)
     python benchmarks/inversion.py --report-only               # JSON, Markdown table and plots from what is done
