@@ -528,7 +528,7 @@ def test_dependencies_are_never_installed_outside_the_application(module, monkey
     constraints = []
     monkeypatch.setattr(slicer.util, "pip_install", lambda args: constraints.append(
         open(args[args.index("-c") + 1]).read()))
-    logic_class._pipInstallKeepingSlicerPackages(["cma>=3.2"])
+    logic_class.pipInstallKeepingSlicerPackages(["cma>=3.2"])
     assert f"numpy=={metadata.version('numpy')}" in constraints[0].split()
 
 

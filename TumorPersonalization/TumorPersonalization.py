@@ -531,11 +531,11 @@ class TumorPersonalizationLogic(ScriptedLoadableModuleLogic):
             if torch is None:
                 raise RuntimeError(_("PyTorch was not installed"))
         if missingPackages:
-            self._pipInstallKeepingSlicerPackages(missingPackages)
+            self.pipInstallKeepingSlicerPackages(missingPackages)
         return True
 
     @staticmethod
-    def _pipInstallKeepingSlicerPackages(requirements: Sequence[str]) -> None:
+    def pipInstallKeepingSlicerPackages(requirements: Sequence[str]) -> None:
         """pip install with numpy and SimpleITK pinned to the versions Slicer ships (a constraints file)."""
         with tempfile.TemporaryDirectory() as folder:
             constraints = Path(folder) / "slicer-constraints.txt"

@@ -149,13 +149,13 @@ class Observation:
             core = (c >= self.imaging.core_threshold).astype(np.float32)
             gridded = GriddedObservation(self.kind, target, visible, core, c.astype(np.float32), self.imaging)
         else:
-            labels = self.volume.array if same else _nearest(self.volume.array, source, target)
+            labels = self.volume.array if same else nearest_labels(self.volume.array, source, target)
             visible = np.isin(labels, self.labels.all).astype(np.float32)
             core = np.isin(labels, (self.labels.necrotic, self.labels.enhancing)).astype(np.float32)
             gridded = GriddedObservation(self.kind, target, visible, core, None, self.imaging)
         if not np.any(gridded.visible > 0):
             raise InputError("the tumor image does not overlap the tissue image in space: tumor spans "
-                             f"{_extent(source)}, tissue spans {_extent(target)} (RAS mm)")
+                             f"{describe_extent(source)}, tissue spans {describe_extent(target)} (RAS mm)")
         return gridded
 
 
@@ -254,7 +254,8 @@ class GriddedObservation:
         return float(self.loss(empty, brain_mask, terms)[0])
 
 
-def _nearest(array: np.ndarray, source: Geometry, target: Geometry) -> np.ndarray:
+def nearest_labels(array: np.ndarray, source: Geometry, target: Geometry) -> np.ndarray:
+    """A label map (k, j, i) on `source` resampled onto `target` by nearest label (int16; 0 outside the source)."""
     import SimpleITK as sitk
 
     image = Volume(np.asarray(array, np.int16), source).to_sitk()
@@ -263,7 +264,8 @@ def _nearest(array: np.ndarray, source: Geometry, target: Geometry) -> np.ndarra
     return sitk.GetArrayFromImage(resampled)
 
 
-def _extent(geometry: Geometry) -> str:
+def describe_extent(geometry: Geometry) -> str:
+    """The RAS box (mm) a grid's voxel centres span, as text for error messages."""
     corners = np.array([[k, j, i] for k in (0, geometry.shape_kji[0] - 1) for j in (0, geometry.shape_kji[1] - 1)
                         for i in (0, geometry.shape_kji[2] - 1)], dtype=np.float64)
     ras = geometry.index_kji_to_ras(corners)

@@ -89,14 +89,14 @@ def _outside_image_share(volume: Volume, target: Geometry) -> float:
 def recurrence_on_grid(recurrence: Union[Observation, Volume], geometry: Geometry, labels=None):
     """The recurrence's labels on `geometry` (nearest label; int16), its SegmentationLabels and the share of it left
     outside that image. InputError for an invalid or empty recurrence, or one that does not overlap the image."""
-    from .observation import _extent, _nearest
+    from .observation import describe_extent, nearest_labels
 
     volume, labels = _as_label_volume(recurrence, labels)
     source = volume.geometry
-    gridded = volume.array if source.same_grid(geometry) else _nearest(volume.array, source, geometry)
+    gridded = volume.array if source.same_grid(geometry) else nearest_labels(volume.array, source, geometry)
     if not np.any(gridded):
         raise InputError("the recurrence segmentation does not overlap the tissue image in space: recurrence spans "
-                         f"{_extent(source)}, tissue spans {_extent(geometry)} (RAS mm)")
+                         f"{describe_extent(source)}, tissue spans {describe_extent(geometry)} (RAS mm)")
     outside = 0.0 if source.same_grid(geometry) else _outside_image_share(volume, geometry)
     return np.asarray(gridded, np.int16), labels, outside
 

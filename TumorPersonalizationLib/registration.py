@@ -229,11 +229,11 @@ def tissue_from_t1(t1, lesion_mask: Optional[np.ndarray] = None, progress=None, 
     """
     import SimpleITK as sitk
 
-    from .tissue import _as_volume
+    from .tissue import as_volume
 
     start = time.perf_counter()
     report(progress, 0.0, "T1 registration: preparing")
-    volume = _as_volume(t1)
+    volume = as_volume(t1)
     array = np.asarray(volume.array)
     if array.ndim != 3:
         raise InputError(f"the T1 must be a scalar 3-D image, got an array of shape {array.shape}")

@@ -45,7 +45,8 @@ class TissueLabels:
 ImageLike = Union[str, Path, Volume, Any]  # Any: a SimpleITK.Image (not imported at module level)
 
 
-def _as_volume(image: ImageLike) -> Volume:
+def as_volume(image: ImageLike) -> Volume:
+    """A Volume from a Volume, a file path or a SimpleITK image (InputError for an unreadable file)."""
     if isinstance(image, Volume):
         return image
     if isinstance(image, (str, Path)):
@@ -82,7 +83,7 @@ class Tissue:
     # ---- construction ----------------------------------------------------------------------------------------
     @classmethod
     def from_labelmap(cls, labelmap: ImageLike, labels: TissueLabels = TissueLabels()) -> "Tissue":
-        volume = _as_volume(labelmap)
+        volume = as_volume(labelmap)
         array = volume.array
         if array.ndim != 3:
             raise InputError(f"a tissue label map must be a scalar 3-D image, got array shape {array.shape}")
@@ -104,7 +105,7 @@ class Tissue:
         (clipped, then renormalised where the sum exceeds 1) and noted; GM and CSF maps on a grid within
         GRID_MISMATCH_LIMIT_VOXELS of the WM map's are resampled onto it and noted (Tissue.notes). Raises InputError
         naming the map for larger excursions or sums, differing grids, or NaN values."""
-        volumes = [_as_volume(x) for x in (wm, gm, csf)]
+        volumes = [as_volume(x) for x in (wm, gm, csf)]
         notes = []
         arrays = [np.asarray(volumes[0].array, np.float32)]
         for name, volume in zip(("GM", "CSF"), volumes[1:]):
