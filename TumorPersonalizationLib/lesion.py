@@ -15,9 +15,9 @@ lesion the WM/GM/CSF fractions come from one of:
   registration fails its own quality check, the lesion is refilled from its surroundings instead, with a warning.
 - "surround": the WM/GM fractions of the nearest healthy brain voxel outside the lesion (no CSF).
 - "keep": nothing changes (the given tissue is taken as healthy).
-Voxels outside the lesion never change, and neither do lesion voxels outside the head: the given tissue's voxels
-(WM+GM+CSF >= 0.5) with their holes filled, so a core cut out of the brain is refilled while a "tumor" drawn in the
-background (a misaligned segmentation) stays outside the brain and is refused as such.
+Voxels outside the lesion never change, and neither do lesion voxels outside the head: the convex hull of the given
+tissue's voxels (WM+GM+CSF >= 0.5). So a core cut out of the brain is refilled, at its surface too, while a "tumor"
+drawn in the background (a misaligned segmentation) stays outside the brain and is refused as such.
 """
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -103,7 +103,7 @@ def refill_lesion(tissue: Tissue, visible: np.ndarray, mode: str = DEFAULT_LESIO
         raise InputError(f"unknown lesion tissue {mode!r}: choose one of {', '.join(LESION_TISSUE_MODES)}")
     lesion = lesion_mask(visible, tissue.geometry, grow_mm)
     if mode != "keep":
-        lesion &= head_mask(tissue)
+        lesion &= inside_head(tissue, lesion)
     if mode == "keep":
         return LesionTissue(tissue, lesion, "keep", 0.0, runtime_s=time.perf_counter() - started)
 
@@ -141,17 +141,34 @@ def refill_lesion(tissue: Tissue, visible: np.ndarray, mode: str = DEFAULT_LESIO
     return LesionTissue(result, lesion, source, refilled_cm3, quality, time.perf_counter() - started, warnings)
 
 
-def head_mask(tissue: Tissue) -> np.ndarray:
-    """Voxels inside the head: tissue (WM+GM+CSF >= 0.5) and the holes it encloses (a core labelled background)."""
-    from scipy.ndimage import binary_fill_holes
+def inside_head(tissue: Tissue, candidates: np.ndarray) -> np.ndarray:
+    """Which voxels of `candidates` (a bool (k, j, i) mask) lie inside the head: the convex hull of the tissue's voxels
+    (WM+GM+CSF >= 0.5). Convexity survives any affine map, so the hull is taken in index space. A core cut out of the
+    brain, even at its surface, is inside; a corner of the image is not. InputError for a tissue with no voxels."""
+    from scipy.spatial import ConvexHull
 
     occupied = (tissue.wm + tissue.gm + tissue.csf) >= 0.5
     if not np.any(occupied):
         raise InputError("the tissue holds no WM, GM or CSF")
-    box = mask_box(occupied, 1)
-    head = np.zeros(occupied.shape, bool)
-    head[box] = binary_fill_holes(occupied[box])
-    return head
+    inside = np.zeros(candidates.shape, bool)
+    points = np.argwhere(candidates)
+    if len(points) == 0:
+        return inside
+    # Every second voxel along each axis spans the same hull to within a voxel, for an eighth of the points.
+    step = 2 if min(occupied.shape) >= 8 else 1
+    hull_points = np.argwhere(occupied[::step, ::step, ::step]) * step
+    try:
+        hull = ConvexHull(hull_points.astype(np.float64))
+    except Exception:  # a flat or tiny tissue (qhull needs a volume): every candidate counts as inside
+        inside[candidates] = True
+        return inside
+    normals, offsets = hull.equations[:, :3], hull.equations[:, 3]
+    keep = np.ones(len(points), bool)
+    for start in range(0, len(points), 65536):
+        chunk = points[start:start + 65536].astype(np.float64)
+        keep[start:start + 65536] = np.all(chunk @ normals.T + offsets <= step, axis=1)
+    inside[tuple(points[keep].T)] = True
+    return inside
 
 
 def _cm3(mask: np.ndarray, tissue: Tissue) -> float:
