@@ -78,23 +78,27 @@ def descendant_pids(pid: int) -> List[int]:
     return found
 
 
+def _living_proc_stats():
+    """(pid, [state, ppid, pgrp, ...]) of every living (not zombie) process in /proc (Linux)."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as stream:
+                stat = stream.read().decode("ascii", "replace")
+        except OSError:  # ended meanwhile
+            continue
+        # "pid (command) state ppid pgrp ...": the command may hold spaces and parentheses, so split after the last ")".
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) > 2 and fields[0] != "Z":
+            yield int(name), fields
+
+
 def _parent_table() -> Dict[int, int]:
     """{pid: parent pid} of every process this user can see (POSIX); {} where it cannot be read."""
     table = {}
     if os.path.isdir("/proc/self"):
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{name}/stat", "rb") as stream:
-                    stat = stream.read().decode("ascii", "replace")
-            except OSError:  # ended meanwhile
-                continue
-            # "pid (command) state ppid ...": the command may hold spaces and parentheses, so split after the last ")".
-            fields = stat[stat.rfind(")") + 2:].split()
-            if len(fields) > 1 and fields[0] != "Z":
-                table[int(name)] = int(fields[1])
-        return table
+        return {pid: int(fields[1]) for pid, fields in _living_proc_stats()}
     if _WINDOWS:
         return table
     try:
@@ -113,19 +117,7 @@ def group_members(pgid: int) -> List[int]:
     """Living (not zombie) processes of process group `pgid` (POSIX). On Linux read from /proc; elsewhere the group
     counts as one member, [pgid], while it can still be signalled."""
     if os.path.isdir("/proc/self"):
-        members = []
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{name}/stat", "rb") as stream:
-                    stat = stream.read().decode("ascii", "replace")
-            except OSError:
-                continue
-            fields = stat[stat.rfind(")") + 2:].split()
-            if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
-                members.append(int(name))
-        return members
+        return [pid for pid, fields in _living_proc_stats() if int(fields[2]) == pgid]
     try:
         os.killpg(pgid, 0)
         return [pgid]
