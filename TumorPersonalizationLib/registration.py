@@ -163,14 +163,7 @@ def register_atlas_to_tissue(tissue: Tissue, lesion_mask: Optional[np.ndarray], 
     fixed = resample_fraction(intensity, geometry, coarse)[box]
     head = head_all[box]
     lesion_coarse = _mask_on_grid(lesion, geometry, coarse)[box]
-    fixed_image = Volume(fixed.astype(np.float32), grid).to_sitk()
-    mask_image = _metric_mask(lesion_coarse, head, grid)
-    # The moments of an image whose lesion is filled with an average brain intensity: a hole (or a CSF-labelled
-    # core) in the patient would otherwise pull the initial centre away from the atlas's.
-    filled = fixed.copy()
-    if lesion_coarse.any():
-        filled[lesion_coarse] = float(np.mean(fixed[(fixed > 0.5) & ~lesion_coarse]))
-    init_image = Volume(filled.astype(np.float32), grid).to_sitk()
+    fixed_image, mask_image, init_image = _fixed_images(fixed, head, lesion_coarse, grid, np.mean, 0.5)
 
     atlas = load_atlas(spacing_mm)
     atlas_intensity = _synthetic_intensity(atlas.wm, atlas.gm, atlas.csf)
@@ -263,12 +256,7 @@ def tissue_from_t1(t1, lesion_mask: Optional[np.ndarray] = None, progress=None, 
     fixed = coarse_image[box]
     head_coarse = foreground[box]
     lesion_coarse = lesion_all[box]
-    fixed_image = Volume(fixed.astype(np.float32), grid).to_sitk()
-    mask_image = _metric_mask(lesion_coarse, head_coarse, grid)
-    filled = fixed.copy()
-    if lesion_coarse.any():
-        filled[lesion_coarse] = float(np.median(fixed[(fixed > 0.2) & ~lesion_coarse]))
-    init_image = Volume(filled.astype(np.float32), grid).to_sitk()
+    fixed_image, mask_image, init_image = _fixed_images(fixed, head_coarse, lesion_coarse, grid, np.median, 0.2)
     template = load_atlas_t1(2)
     moving_image = template.to_sitk()
     check_cancel(cancel)
@@ -406,6 +394,19 @@ def _landing_box(atlas: Tissue, target: Geometry, field_grid: Geometry, displace
 
 
 # ---- stages ------------------------------------------------------------------------------------------------------
+def _fixed_images(fixed: np.ndarray, head: np.ndarray, lesion: np.ndarray, grid: Geometry, typical, brain_level: float):
+    """The patient's side of a registration on its coarse grid: (fixed image, metric mask without the lesion, image
+    for the moments initialiser). The initialiser sees the lesion filled with the typical (`typical`: np.mean or
+    np.median) intensity of the brain outside it (above brain_level): a hole or a CSF-labelled core would otherwise
+    pull the initial centre away from the atlas's."""
+    fixed_image = Volume(fixed.astype(np.float32), grid).to_sitk()
+    mask_image = _metric_mask(lesion, head, grid)
+    filled = fixed.copy()
+    if lesion.any():
+        filled[lesion] = float(typical(fixed[(fixed > brain_level) & ~lesion]))
+    return fixed_image, mask_image, Volume(filled.astype(np.float32), grid).to_sitk()
+
+
 def _affine_stage(init_image, fixed_image, mask_image, moving_image, metric, rigid_first: bool, progress, cancel):
     """Moments initialisation, then (optionally) rigid, then affine registration; returns an AffineTransform."""
     import SimpleITK as sitk
