@@ -208,3 +208,28 @@ def test_batch_reads_a_recurrence_column(case, tmp_path, capsys):
     assert float(rows["a"]["recurrence_standard"]) == pytest.approx(written["all"]["standard"])
     assert float(rows["a"]["recurrence_model"]) == pytest.approx(written["all"]["model"])
     assert not (out / "b").exists()
+
+
+def test_cli_recurrence_labels_reach_the_coverage(tmp_path, capsys):
+    """--recurrence-labels 1 2 4 (BraTS 2021) are the labels both of the check and of the coverage."""
+    import json
+
+    from TumorPersonalizationLib import GrowthParameters, load_atlas, simulate
+    from TumorPersonalizationLib.cli import main
+    from TumorPersonalizationLib.geometry import Volume
+
+    atlas = load_atlas(2)
+    tumor = simulate(atlas, GrowthParameters((28.0, -12.0, 24.0), 6.0, 2.5))
+    tumor.save(tmp_path / "tumor.nii.gz")
+    later = np.zeros(tumor.array.shape, np.int16)
+    later[tumor.array >= 0.2], later[tumor.array >= 0.7] = 2, 4
+    Volume(later, atlas.geometry).save(tmp_path / "later.nii.gz")
+    out = tmp_path / "out"
+    code = main(["personalize", "--tissue", "atlas", "--tumor", str(tmp_path / "tumor.nii.gz"), "--method", "direct",
+                 "--progress", "none", "--lesion-tissue", "keep", "--recurrence", str(tmp_path / "later.nii.gz"),
+                 "--recurrence-labels", "1", "2", "4", "--out-dir", str(out)])
+    assert code == 0, capsys.readouterr().err
+    coverage = json.loads((out / "parameters.json").read_text())["recurrence"]
+    assert coverage["labels"] == [1, 2, 4]
+    enhancing_cm3 = (later == 4).sum() * atlas.geometry.voxel_volume_mm3() / 1000
+    assert coverage["enhancing"]["volume_cm3"] == pytest.approx(enhancing_cm3, abs=1e-3)

@@ -249,8 +249,9 @@ def _settings_from_args(args) -> dict:
                                       or getattr(args, "tumor_labels", DEFAULT_TUMOR_LABELS))}
 
 
-def _personalize(tissue, observation, settings: dict, progress):
-    """tissue: a Tissue, or a Volume taken as the patient's T1 (the tissue is then derived from it)."""
+def _personalize(tissue, observation, settings: dict, progress, recurrence=None):
+    """tissue: a Tissue, or a Volume taken as the patient's T1 (the tissue is then derived from it). recurrence: a
+    follow-up label map (checked before the search, its coverage stored on the result)."""
     from dataclasses import replace
 
     from .geometry import Volume
@@ -270,7 +271,8 @@ def _personalize(tissue, observation, settings: dict, progress):
                        progress=progress, device=settings.get("device", "auto"),
                        working_spacing_mm=settings.get("working_spacing_mm"), options=options,
                        iso_level=settings.get("iso_level"), margin_mm=settings.get("margin_mm", STANDARD_MARGIN_MM),
-                       lesion_tissue=settings.get("lesion_tissue", "atlas"), t1=t1)
+                       lesion_tissue=settings.get("lesion_tissue", "atlas"), t1=t1, recurrence=recurrence,
+                       recurrence_labels=_recurrence_labels(settings))
 
 
 def _load_observation(path, settings: dict):
@@ -286,8 +288,11 @@ def _load_recurrence(path, settings: dict):
     """The follow-up segmentation, read and checked before any long work (InputError naming the file)."""
     from .recurrence import load_recurrence
 
-    labels = settings.get("recurrence_labels") or settings.get("tumor_labels", DEFAULT_TUMOR_LABELS)
-    return load_recurrence(path, tuple(labels))
+    return load_recurrence(path, _recurrence_labels(settings))
+
+
+def _recurrence_labels(settings: dict) -> tuple:
+    return tuple(settings.get("recurrence_labels") or settings.get("tumor_labels", DEFAULT_TUMOR_LABELS))
 
 
 def _result_summary(result) -> dict:
@@ -310,17 +315,11 @@ def command_personalize(args) -> int:
     recurrence = _load_recurrence(args.recurrence, settings) if args.recurrence else None
     tissue = load_tissue_from_args(args)
     observation = _load_observation(args.tumor, settings)
-    if recurrence is not None:
-        from .recurrence import add_recurrence, recurrence_on_grid
-
-        recurrence_on_grid(recurrence, tissue.geometry)  # refuses one outside the tissue image before the search
     progress = _make_progress(args.progress, "personalising")
     try:
-        result = _personalize(tissue, observation, settings, progress)
+        result = _personalize(tissue, observation, settings, progress, recurrence)
     finally:
         progress.close()
-    if recurrence is not None:
-        add_recurrence(result, recurrence)
     write_outputs(result, args.out_dir)
     for warning in result.warnings:
         print(f"tumor-personalization: warning: {warning}", file=sys.stderr)
@@ -460,13 +459,8 @@ def run_case(case: dict, out_root: str, settings: dict) -> dict:
         else:
             tissue = Tissue.from_file(case["tissue"])
         observation = _load_observation(case["tumor"], case_settings)
+        result = _personalize(tissue, observation, case_settings, None, recurrence)
         if recurrence is not None:
-            from .recurrence import add_recurrence, recurrence_on_grid
-
-            recurrence_on_grid(recurrence, tissue.geometry)
-        result = _personalize(tissue, observation, case_settings, None)
-        if recurrence is not None:
-            add_recurrence(result, recurrence)
             row.update(recurrence_standard=result.recurrence["all"]["standard"],
                        recurrence_model=result.recurrence["all"]["model"])
         write_outputs(result, Path(out_root) / case["case"], extra={"case": case["case"]})

@@ -127,12 +127,11 @@ def personalize(tissue: Optional[Tissue], observation: Union[Observation, Volume
     nothing is written either way.
     """
     with blas_single_threaded():
-        if recurrence is not None:
+        grid_source = t1 if t1 is not None else tissue
+        if recurrence is not None and grid_source is not None:
             from .recurrence import recurrence_on_grid
 
-            grid = (t1 if t1 is not None else tissue).geometry if (t1 is not None or tissue is not None) else None
-            if grid is not None:
-                recurrence_on_grid(recurrence, grid, recurrence_labels)  # refused before the search, not after
+            recurrence_on_grid(recurrence, grid_source.geometry, recurrence_labels)  # refused before the search
         result = _personalize(tissue, observation, method, progress, cancel, device, working_spacing_mm, options,
                               iso_level, margin_mm, lesion_tissue, t1, lesion_grow_mm)
         if recurrence is not None:
