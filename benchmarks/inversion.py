@@ -648,12 +648,14 @@ def main():
                                                                       "the testbrain extra; 0: none)")
     parser.add_argument("--hours", type=float, default=1.5, help="stop starting new tasks after this long")
     parser.add_argument("--only", help="run only this method")
-    parser.add_argument("--redo", default="", help="comma-separated methods to run again (atlas; concentration "
-                                                   "input, and segmentation input for the methods the benchmark fits "
-                                                   "to segmentations) on the first --redo-cases cases even where "
-                                                   "done, e.g. to time them in the same sitting as cma-solver; their "
-                                                   "new rows replace the old ones in the report")
+    parser.add_argument("--redo", default="", help="comma-separated methods to run again (concentration input, "
+                                                   "and segmentation input for the methods the benchmark fits to "
+                                                   "segmentations) on the first --redo-cases cases of --redo-brains "
+                                                   "even where done, e.g. to time them in one run beside cma-solver; "
+                                                   "their new rows replace the old ones in the report")
     parser.add_argument("--redo-cases", type=int, default=5)
+    parser.add_argument("--redo-brains", default="atlas", help="comma-separated brains whose cases --redo runs "
+                                                              f"again, of {', '.join(BRAINS)}")
     parser.add_argument("--redo-first", type=int, default=0, help="--redo starts at this case (a redo that stopped "
                                                                    "part-way goes on from where it stopped)")
     parser.add_argument("--report-only", action="store_true")
@@ -669,7 +671,10 @@ def main():
     unknown = sorted(set(redo) - set(BENCHMARKED_METHODS))
     if unknown:
         parser.error(f"--redo: unknown method(s) {', '.join(unknown)}")
-    done -= {(i, m, kind, "atlas") for m in redo for i in range(args.redo_first, args.redo_cases)
+    redo_brains = [b for b in args.redo_brains.split(",") if b]
+    if set(redo_brains) - set(BRAINS):
+        parser.error(f"--redo-brains: unknown brain(s) {', '.join(sorted(set(redo_brains) - set(BRAINS)))}")
+    done -= {(i, m, kind, brain) for m in redo for brain in redo_brains for i in range(args.redo_first, args.redo_cases)
              for kind in ("concentration",) + (("segmentation",) if m in SEGMENTATION_METHODS else ())}
     cases = {brain: Cases(args.seed, brain) for brain in BRAINS}
     started = time.perf_counter()
