@@ -8,7 +8,8 @@ masked out of the metric, whose tissue then stands in for the lesion's. Two entr
   register_atlas_to_tissue(tissue, lesion_mask)   the atlas's WM/GM/CSF registered to the patient's own tissue maps;
                                                   the caller refills the lesion from AtlasRegistration.tissue.
   tissue_from_t1(t1, lesion_mask)                 no tissue at all: the atlas's T1 template registered to the
-                                                  patient's skull-stripped T1, the atlas's WM/GM/CSF warped onto it.
+                                                  patient's skull-stripped T1, the atlas's WM/GM/CSF warped onto it
+                                                  and then corrected by the T1's own intensities (t1_classes.py).
 
 Both register affine (the T1 rigid first) then deformable (a cubic B-spline on a 40 mm control grid) with
 SimpleITK, on a 3 mm copy of the patient's image in the patient's own orientation, initialised by matching the
@@ -34,6 +35,7 @@ from .errors import InputError
 from .geometry import Geometry, Volume, block_mean, resample_fraction, resample_linear
 from .metrics import dice, ncc
 from .progress import Cancelled, check_cancel, is_cancelled, report, sub_progress
+from .t1_classes import classify_t1
 from .tissue import Tissue
 
 # ---- settings ----------------------------------------------------------------------------------------------------
@@ -110,7 +112,9 @@ class T1Tissue:
         patient's brain (foreground grown by 6 mm) outside the grown lesion, on the 3 mm registration grid.
     passed: quality >= T1_QUALITY_THRESHOLD.
     runtime_s, transform, warnings, metrics: as in AtlasRegistration (metrics: brain-mask Dice of the T1's
-        foreground and the registered atlas's brain, NCC after the affine stage).
+        foreground and the registered atlas's brain, NCC after the affine stage; classes_used (1.0 when the
+        intensity classes replaced the warped atlas outside the lesion), classes_changed_cm3 and the fitted class
+        means class_mean_csf/gm/wm).
     """
 
     tissue: Tissue
@@ -207,7 +211,9 @@ def register_atlas_to_tissue(tissue: Tissue, lesion_mask: Optional[np.ndarray], 
 def tissue_from_t1(t1, lesion_mask: Optional[np.ndarray] = None, progress=None, cancel=None,
                    atlas_spacing_mm: int = 1) -> T1Tissue:
     """WM/GM/CSF of a patient from a skull-stripped T1: the atlas's T1 template registered to it (rigid, affine, then
-    B-spline; Mattes mutual information; the lesion outside the metric) and the atlas's fractions warped onto it.
+    B-spline; Mattes mutual information; the lesion outside the metric), the atlas's fractions warped onto it, and
+    those corrected by the T1's intensities outside the lesion (t1_classes.classify_t1: a Gaussian mixture with the
+    warped fractions as priors; the lesion keeps the atlas's tissue, its CSF only in the deep brain).
 
     t1: the patient's skull-stripped T1 as a geometry.Volume, a SimpleITK image or a file path; any orientation,
         field of view and voxel size (thick slices, e.g. 1 x 1 x 5 mm, included).
@@ -275,12 +281,19 @@ def tissue_from_t1(t1, lesion_mask: Optional[np.ndarray] = None, progress=None, 
 
     report(progress, 0.85, "T1 registration: warping the atlas's tissue")
     atlas = load_atlas(atlas_spacing_mm)
-    tissue = warp_atlas_tissue(atlas, transform, geometry)
+    registered = warp_atlas_tissue(atlas, transform, geometry)
     quality = _quality_ncc(fixed, lesion_coarse, head_coarse, grid, moving_image, transform)
     healthy = ~lesion
     head = _mask_on_grid(foreground, coarse, geometry, level=0.5)
     metrics = {"ncc": quality, "ncc_affine": affine_ncc,
-               "brain_dice": dice(((tissue.wm + tissue.gm + tissue.csf) >= 0.5) & healthy, head & healthy)}
+               "brain_dice": dice(((registered.wm + registered.gm + registered.csf) >= 0.5) & healthy,
+                                  head & healthy)}
+    report(progress, 0.92, "T1 registration: tissue classes from the T1's intensities")
+    classes = classify_t1(scaled, registered, _foreground(scaled), lesion)
+    tissue = classes.tissue
+    warnings += classes.warnings
+    metrics.update({"classes_used": float(classes.used), "classes_changed_cm3": classes.changed_cm3,
+                    **{f"class_mean_{name}": value for name, value in classes.means.items()}})
     passed = bool(quality >= T1_QUALITY_THRESHOLD)
     if not passed:
         warnings.append(f"the T1 registration is poor (NCC {quality:.2f} outside the lesion, below "
