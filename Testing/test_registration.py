@@ -55,10 +55,15 @@ def test_t1_registration_recovers_a_known_deformation(atlas, deformed):
     t1 = Volume(warp(template.array * 800.0, template.geometry, transform, truth.geometry), truth.geometry)
     result = tissue_from_t1(t1, atlas_spacing_mm=2)
     assert result.tissue.geometry.same_grid(truth.geometry)
-    registered = dice(result.tissue.wm > 0.5, truth.wm > 0.5)
+    # The registration alone (the warped atlas), then with the T1's intensity classes on top.
+    registered = dice(result.registered.wm > 0.5, truth.wm > 0.5)
+    classified = dice(result.tissue.wm > 0.5, truth.wm > 0.5)
     unregistered = dice(warp(atlas.wm, atlas.geometry, sitk.Transform(), truth.geometry) > 0.5, truth.wm > 0.5)
     assert registered >= 0.85, (registered, unregistered)
     assert unregistered < 0.7, unregistered
+    # The template's own T1 classified by its intensities agrees with the template's WM probability map (a
+    # population average, not a segmentation of that T1) less closely than the exact registration: 0.94 against 0.97.
+    assert result.metrics["classes_used"] == 1.0 and classified >= 0.9, (classified, registered)
     assert result.passed and result.quality >= max(T1_QUALITY_THRESHOLD, 0.9)
     total = result.tissue.wm + result.tissue.gm + result.tissue.csf
     assert total.max() <= 1.0 + 1e-5

@@ -107,7 +107,7 @@ class AtlasRegistration:
 class T1Tissue:
     """Tissue of a patient derived from the T1 alone: the atlas's T1 template registered to the patient's T1.
 
-    tissue: the atlas's WM/GM/CSF fractions on the T1's own grid.
+    tissue: WM/GM/CSF fractions on the T1's own grid (the T1's intensity classes, the atlas's in the lesion).
     quality: NCC of the patient's T1 and the registered template T1 (both scaled to their robust maximum) over the
         patient's brain (foreground grown by 6 mm) outside the grown lesion, on the 3 mm registration grid.
     passed: quality >= T1_QUALITY_THRESHOLD.
@@ -115,6 +115,7 @@ class T1Tissue:
         foreground and the registered atlas's brain, NCC after the affine stage; classes_used (1.0 when the
         intensity classes replaced the warped atlas outside the lesion), classes_changed_cm3 and the fitted class
         means class_mean_csf/gm/wm).
+    registered: the atlas's fractions as the registration warped them, before the intensity classes.
     """
 
     tissue: Tissue
@@ -124,6 +125,7 @@ class T1Tissue:
     transform: Any
     warnings: List[str] = field(default_factory=list)
     metrics: Dict[str, float] = field(default_factory=dict)
+    registered: Optional[Tissue] = None
 
 
 # ---- public entry points -----------------------------------------------------------------------------------------
@@ -299,7 +301,7 @@ def tissue_from_t1(t1, lesion_mask: Optional[np.ndarray] = None, progress=None, 
         warnings.append(f"the T1 registration is poor (NCC {quality:.2f} outside the lesion, below "
                         f"{T1_QUALITY_THRESHOLD}): check that the image is a skull-stripped T1")
     report(progress, 1.0, "T1 registration: done")
-    return T1Tissue(tissue, quality, passed, time.perf_counter() - start, transform, warnings, metrics)
+    return T1Tissue(tissue, quality, passed, time.perf_counter() - start, transform, warnings, metrics, registered)
 
 
 def warp_atlas_tissue(atlas: Tissue, transform, target: Geometry, finest_mm: Optional[float] = None) -> Tissue:

@@ -33,7 +33,7 @@ BIAS_SIGMA_MM = 25.0
 BIAS_GRID_MM = 6.0
 # The fit is used only when the class means come out in a T1's order, each apart from the next by this many
 # pooled standard deviations (a FLAIR, a T2 or a flat image given as a T1 fails it).
-MIN_SEPARATION_SD = 1.5
+MIN_SEPARATION_SD = 0.5
 MIN_FIT_VOXELS = 1000
 # Inside the lesion the atlas's CSF stays CSF only this deep below the brain's surface: the lateral ventricles lie
 # 20 mm and more below the cortex, the outer CSF layer and most of the sulci within it.
