@@ -10,8 +10,8 @@ import pytest
 
 from TumorPersonalizationLib import GrowthParameters, simulate
 from TumorPersonalizationLib.errors import InputError
-from TumorPersonalizationLib.inversion import (Candidate, InversionOptions, cma_solver, direct, fd_polish,
-                                               gb_surrogate, hybrid)
+from TumorPersonalizationLib.inversion import (STEP_FINAL, STEP_JUDGE, Candidate, InversionOptions, cma_solver, direct,
+                                               fd_polish, gb_surrogate, hybrid)
 from TumorPersonalizationLib.observation import Observation, SegmentationLabels
 from TumorPersonalizationLib.pipeline import personalize, prepare_problem, write_outputs
 from TumorPersonalizationLib.progress import Cancelled
@@ -225,7 +225,7 @@ def test_hybrid_judges_a_close_call_again_on_the_tissue_grid(atlas_case, monkeyp
         if runs:
             assert winner.final.geometry.same_grid(tissue.geometry)
             np.testing.assert_allclose(winner.final.array, simulate(tissue, expected).array, atol=1e-6)
-            judged = [h["loss"] for h in problem.history if h["stage"] == "hybrid: FD judge (tissue grid)"]
+            judged = [h["loss"] for h in problem.history if (h["step"], h["grid"]) == (STEP_JUDGE, "tissue")]
             assert winner.final_loss == min(judged) and (runs == 1 or min(judged) < max(judged))
         else:
             assert winner.final is None
@@ -300,14 +300,18 @@ def test_personalize_takes_the_judges_tissue_grid_run_as_its_final_run(atlas_cas
     result = personalize(tissue, Observation.from_volume(hidden), method="hybrid", device="cpu",
                          working_spacing_mm=3.0,
                          options=InversionOptions(tissue_judge_ratio=math.inf, tissue_judge_max_runs=math.inf))
-    stages = [h["stage"] for h in result.history]
-    assert stages.count("hybrid: FD judge (tissue grid)") == 2 == result.provenance["fd_runs_tissue_grid"]
-    assert stages[-1] == "final FD run (tissue grid, the judge's)"
+    steps = [(h["step"], h["grid"]) for h in result.history]
+    assert steps.count((STEP_JUDGE, "tissue")) == 2 == result.provenance["fd_runs_tissue_grid"]
+    assert steps[-1] == (STEP_FINAL, "tissue") and steps.count((STEP_FINAL, "tissue")) == 1
+    judged = [h["loss"] for h in result.history if (h["step"], h["grid"]) == (STEP_JUDGE, "tissue")]
+    assert result.history[-1]["loss"] == min(judged)
     np.testing.assert_allclose(result.concentration.array, simulate(result.tissue, result.parameters).array, atol=1e-6)
     off = personalize(tissue, Observation.from_volume(hidden), method="hybrid", device="cpu",
                       working_spacing_mm=3.0, options=InversionOptions(tissue_judge_ratio=0.0))
     assert off.provenance["fd_runs_tissue_grid"] == 1
-    assert [h["stage"] for h in off.history][-1] == "final FD run (tissue grid)"
+    assert [(h["step"], h["grid"]) for h in off.history][-1] == (STEP_FINAL, "tissue")
+    assert not any((h["step"], h["grid"]) == (STEP_JUDGE, "tissue") for h in off.history)
+    assert {h["grid"] for h in off.history if h["loss_kind"] == "surrogate"} == {"network"}
 
 
 def test_seed_is_held_to_the_tumor_neighbourhood(atlas_case):
