@@ -51,7 +51,8 @@ def test_gb_surrogate_recovers_its_own_forward_run_from_a_perturbed_start(atlas_
 
     mu_D, mu_rho and the seed all come back (measured with surrogate32_v3: 0.02 mm, < 0.01 %): the shipped surrogate
     is given the seed as fields and trained on crops whose centre is jittered around the tumor, so a seed shift moves
-    its tumor (benchmarks/seed_response.json). The bundled surrogate before it could not place the seed at all."""
+    its tumor (benchmarks/results/seed_response.json). The bundled surrogate before it could not place the seed at
+    all."""
     import torch
 
     tissue, hidden = atlas_case
@@ -517,9 +518,9 @@ def test_personalize_records_why_cma_stopped():
 
 def test_the_search_runs_with_numpys_blas_on_one_thread_and_lifts_the_limit_after(atlas_case, monkeypatch):
     """OpenBLAS's threads, left spinning after a numpy/scipy call, compete with torch's threads for the cores: on 2
-    cores the default method ran up to 1.8x as long on small tumors (benchmarks/timing_repeats.json). The search runs
-    with BLAS held to the calling thread, and the caller's setting comes back afterwards, also when the run ends in
-    an exception."""
+    cores the default method ran up to 1.8x as long on small tumors (benchmarks/results/timing_repeats.json). The
+    search runs with BLAS held to the calling thread, and the caller's setting comes back afterwards, also when the
+    run ends in an exception."""
     from threadpoolctl import threadpool_info, threadpool_limits
 
     import TumorPersonalizationLib.pipeline as pipeline

@@ -148,7 +148,7 @@ def blas_single_threaded():
     network and solver passes. On a 2-core machine OpenBLAS's worker threads, left spinning after a BLAS call, then
     compete with torch's threads for the same cores: a backward pass of the surrogate inside gb-surrogate's L-BFGS-B
     took 18-140 ms, against 13-22 ms in a loop of backward passes alone, and the default method ran up to 1.8 times
-    as long on small tumors (benchmarks/timing_repeats.json: both ways in one run, 5 cases x 2 input kinds x 4
+    as long on small tumors (benchmarks/results/timing_repeats.json: both ways in one run, 5 cases x 2 input kinds x 4
     rounds). No step of a personalisation gains from threaded BLAS: what it hands to BLAS is tiny (a 5-vector
     search, 4x4 affines). Without threadpoolctl (a Slicer install from before it was a dependency) this does
     nothing."""
