@@ -1,8 +1,9 @@
 """The documents and the code's comments say what is, for a reader who has only the repository.
 
-README.md, docs/*.md and benchmarks/README.md, and the comments and docstrings of the library, the Slicer module and
-the scripts, hold no dates, work sessions, revision/issue/pass numbers, clock times or links outside the repository.
-CHANGELOG.md is history by nature and is not checked. Publication metadata (CMakeLists.txt, TumorPersonalization.json,
+README.md, docs/*.md and benchmarks/README.md, and the comments and docstrings of the library, the Slicer module,
+the scripts and the benchmarks, hold no dates, work sessions, revision/issue/pass numbers, clock times or links outside
+the repository; their links, and the benchmark files they cite, point at files that exist. CHANGELOG.md is history by
+nature and is not checked for wording. Publication metadata (CMakeLists.txt, TumorPersonalization.json,
 CITATION.cff, scripts/prepare_index_entry.py, which writes those addresses) is not checked for links.
 """
 import io
@@ -36,7 +37,13 @@ def python_files():
     paths = sorted((REPOSITORY / "TumorPersonalizationLib").rglob("*.py"))
     paths += sorted((REPOSITORY / "TumorPersonalization").glob("*.py"))
     paths += sorted((REPOSITORY / "scripts").glob("*.py"))
+    paths += sorted((REPOSITORY / "benchmarks").glob("*.py"))
     return paths
+
+
+def benchmark_results_documents():
+    """The Markdown reports the benchmarks write (benchmarks/results/*.md)."""
+    return sorted((REPOSITORY / "benchmarks" / "results").glob("*.md"))
 
 
 def comments_and_docstrings(path: Path):
@@ -116,10 +123,46 @@ def test_readme_is_short_and_starts_with_the_two_commands():
 def test_relative_links_in_documents_point_into_the_repository():
     link = re.compile(r"\]\(([^)#\s]+)(#[^)]*)?\)")
     missing = []
-    for path in documents() + [REPOSITORY / "CHANGELOG.md"]:
+    for path in documents() + [REPOSITORY / "CHANGELOG.md"] + benchmark_results_documents():
         for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             for target, _ in link.findall(text):
                 resolved = (path.parent / target).resolve()
                 if REPOSITORY not in resolved.parents or not resolved.exists():
                     missing.append(f"{path.relative_to(REPOSITORY)}:{number}: {target}")
+    assert not missing, "\n".join(missing)
+
+
+# A benchmark file named by its path from the repository root (benchmarks/results/solver.json), or, in
+# benchmarks/README.md, from that folder (results/solver.json). Globs and brace lists (timing_repeats*.json,
+# patients.{md,json,png}) name no single file and are not matched.
+BENCHMARK_FILE = re.compile(r"(?<![\w/.*{])(?:\.\./)?(benchmarks/[\w./-]*\w\.(?:jsonl\.gz|jsonl|json|md|png|py))\b")
+BENCHMARK_README_FILE = re.compile(r"(?<![\w/.*{])(results/[\w./-]*\w\.(?:jsonl\.gz|jsonl|json|md|png))\b")
+
+
+def test_the_benchmark_file_pattern_reads_paths_and_skips_globs():
+    text = ("see benchmarks/results/solver.json and ../benchmarks/README.md, "
+            "`benchmarks/results/timing_repeats*.json`, benchmarks/results/inversion_runs.jsonl.gz")
+    assert BENCHMARK_FILE.findall(text) == ["benchmarks/results/solver.json", "benchmarks/README.md",
+                                            "benchmarks/results/inversion_runs.jsonl.gz"]
+    assert BENCHMARK_README_FILE.findall("`results/patients.{md,json}`, `results/solver.json`") == [
+        "results/solver.json"]
+
+
+def test_benchmark_files_cited_in_documents_and_comments_exist():
+    """A result moved or renamed leaves no document, comment or docstring pointing at its old path."""
+    missing = []
+    texts = [(path, enumerate(path.read_text(encoding="utf-8").splitlines(), 1))
+             for path in documents() + [REPOSITORY / "CHANGELOG.md"]]
+    texts += [(path, comments_and_docstrings(path)) for path in python_files()]
+    texts += [(path, comments_and_docstrings(path)) for path in sorted((REPOSITORY / "Testing").glob("*.py"))]
+    for path, lines in texts:
+        for number, text in lines:
+            for cited in BENCHMARK_FILE.findall(text):
+                if not (REPOSITORY / cited).exists():
+                    missing.append(f"{path.relative_to(REPOSITORY)}:{number}: {cited}")
+    readme = REPOSITORY / "benchmarks" / "README.md"
+    for number, text in enumerate(readme.read_text(encoding="utf-8").splitlines(), 1):
+        for cited in BENCHMARK_README_FILE.findall(text):
+            if not (readme.parent / cited).exists():
+                missing.append(f"benchmarks/README.md:{number}: {cited}")
     assert not missing, "\n".join(missing)

@@ -204,17 +204,17 @@ def test_a_network_with_seed_fields_starts_as_the_one_it_grows_from():
                              TINY, "old")
 
 
-def reproduce_check_samples(name, directory=None):
-    """Recompute a model's metrics on its held-out check samples (stored beside a freshly trained model; for the shipped
-    models in scripts/recipes/checks, outside the shipped tree); return (recomputed, card's)."""
+def reproduce_check_samples(name, directory=None, checks_directory=None):
+    """Recompute a model's metrics on its held-out check samples (a fresh model's in its run directory; the shipped
+    models' in scripts/recipes/checks, outside the shipped tree); return (recomputed, card's)."""
     from pathlib import Path
 
     from TumorPersonalizationLib.offline.training import evaluate_inverse, evaluate_surrogate, to_tensors
 
     model, card = load_model(name, directory=directory)
-    directory = (Path(directory) if directory is not None
-                 else Path(__file__).resolve().parents[1] / "scripts" / "recipes" / "checks")
-    with np.load(directory / card["check_samples"]["file"]) as stored:
+    checks_directory = (Path(checks_directory) if checks_directory is not None
+                        else Path(__file__).resolve().parents[1] / "scripts" / "recipes" / "checks")
+    with np.load(checks_directory / card["check_samples"]["file"]) as stored:
         arrays = {k: stored[k] for k in stored.files}
     scaling = ParameterScaling.from_dict(card["scaling"])
     tensors = to_tensors(arrays, scaling)
@@ -229,7 +229,8 @@ def test_trained_model_reproduces_its_card_on_stored_samples(tmp_path):
     recipe = {"name": "tiny_check", "kind": "surrogate", "config": TINY, "train_data": str(data),
               "test_data": str(data), "epochs": 1, "batch_size": 2, "learning_rate": 0.003, "seed": 0}
     train(recipe, tmp_path / "run", models_directory=tmp_path / "models")
-    recomputed, stored = reproduce_check_samples("tiny_check", tmp_path / "models")
+    assert not list((tmp_path / "models").glob("*_check.npz")), "check samples belong with the run, not the weights"
+    recomputed, stored = reproduce_check_samples("tiny_check", tmp_path / "models", tmp_path / "run")
     assert set(recomputed) == set(stored) and "ncc" in stored
     for key in stored:
         assert recomputed[key] == pytest.approx(stored[key], rel=1e-5, abs=1e-9)

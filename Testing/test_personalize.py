@@ -10,8 +10,8 @@ import pytest
 
 from TumorPersonalizationLib import GrowthParameters, simulate
 from TumorPersonalizationLib.errors import InputError
-from TumorPersonalizationLib.inversion import (Candidate, InversionOptions, cma_solver, direct, fd_polish,
-                                               gb_surrogate, hybrid)
+from TumorPersonalizationLib.inversion import (STEP_FINAL, STEP_JUDGE, Candidate, InversionOptions, cma_solver, direct,
+                                               fd_polish, gb_surrogate, hybrid)
 from TumorPersonalizationLib.observation import Observation, SegmentationLabels
 from TumorPersonalizationLib.pipeline import personalize, prepare_problem, write_outputs
 from TumorPersonalizationLib.progress import Cancelled
@@ -51,7 +51,8 @@ def test_gb_surrogate_recovers_its_own_forward_run_from_a_perturbed_start(atlas_
 
     mu_D, mu_rho and the seed all come back (measured with surrogate32_v3: 0.02 mm, < 0.01 %): the shipped surrogate
     is given the seed as fields and trained on crops whose centre is jittered around the tumor, so a seed shift moves
-    its tumor (benchmarks/seed_response.json). The bundled surrogate before it could not place the seed at all."""
+    its tumor (benchmarks/results/seed_response.json). The bundled surrogate before it could not place the seed at
+    all."""
     import torch
 
     tissue, hidden = atlas_case
@@ -225,7 +226,7 @@ def test_hybrid_judges_a_close_call_again_on_the_tissue_grid(atlas_case, monkeyp
         if runs:
             assert winner.final.geometry.same_grid(tissue.geometry)
             np.testing.assert_allclose(winner.final.array, simulate(tissue, expected).array, atol=1e-6)
-            judged = [h["loss"] for h in problem.history if h["stage"] == "hybrid: FD judge (tissue grid)"]
+            judged = [h["loss"] for h in problem.history if (h["step"], h["grid"]) == (STEP_JUDGE, "tissue")]
             assert winner.final_loss == min(judged) and (runs == 1 or min(judged) < max(judged))
         else:
             assert winner.final is None
@@ -300,14 +301,18 @@ def test_personalize_takes_the_judges_tissue_grid_run_as_its_final_run(atlas_cas
     result = personalize(tissue, Observation.from_volume(hidden), method="hybrid", device="cpu",
                          working_spacing_mm=3.0,
                          options=InversionOptions(tissue_judge_ratio=math.inf, tissue_judge_max_runs=math.inf))
-    stages = [h["stage"] for h in result.history]
-    assert stages.count("hybrid: FD judge (tissue grid)") == 2 == result.provenance["fd_runs_tissue_grid"]
-    assert stages[-1] == "final FD run (tissue grid, the judge's)"
+    steps = [(h["step"], h["grid"]) for h in result.history]
+    assert steps.count((STEP_JUDGE, "tissue")) == 2 == result.provenance["fd_runs_tissue_grid"]
+    assert steps[-1] == (STEP_FINAL, "tissue") and steps.count((STEP_FINAL, "tissue")) == 1
+    judged = [h["loss"] for h in result.history if (h["step"], h["grid"]) == (STEP_JUDGE, "tissue")]
+    assert result.history[-1]["loss"] == min(judged)
     np.testing.assert_allclose(result.concentration.array, simulate(result.tissue, result.parameters).array, atol=1e-6)
     off = personalize(tissue, Observation.from_volume(hidden), method="hybrid", device="cpu",
                       working_spacing_mm=3.0, options=InversionOptions(tissue_judge_ratio=0.0))
     assert off.provenance["fd_runs_tissue_grid"] == 1
-    assert [h["stage"] for h in off.history][-1] == "final FD run (tissue grid)"
+    assert [(h["step"], h["grid"]) for h in off.history][-1] == (STEP_FINAL, "tissue")
+    assert not any((h["step"], h["grid"]) == (STEP_JUDGE, "tissue") for h in off.history)
+    assert {h["grid"] for h in off.history if h["loss_kind"] == "surrogate"} == {"network"}
 
 
 def test_seed_is_held_to_the_tumor_neighbourhood(atlas_case):
@@ -513,9 +518,9 @@ def test_personalize_records_why_cma_stopped():
 
 def test_the_search_runs_with_numpys_blas_on_one_thread_and_lifts_the_limit_after(atlas_case, monkeypatch):
     """OpenBLAS's threads, left spinning after a numpy/scipy call, compete with torch's threads for the cores: on 2
-    cores the default method ran up to 1.8x as long on small tumors (benchmarks/timing_repeats.json). The search runs
-    with BLAS held to the calling thread, and the caller's setting comes back afterwards, also when the run ends in
-    an exception."""
+    cores the default method ran up to 1.8x as long on small tumors (benchmarks/results/timing_repeats.json). The
+    search runs with BLAS held to the calling thread, and the caller's setting comes back afterwards, also when the
+    run ends in an exception."""
     from threadpoolctl import threadpool_info, threadpool_limits
 
     import TumorPersonalizationLib.pipeline as pipeline

@@ -42,7 +42,7 @@ def predict_mirror_averaged(model: nn.Module, tissue: torch.Tensor, tumor: torch
     tissue (B, 3, G, G, G) and tumor (B, G, G, G) on a frame's grid; returns normalised parameters (B, 5). Two
     forward passes: the network is not exactly mirror-symmetric, and averaging the two answers cancels part of its
     error (on the held-out test set the mean mu_D error fell from 13.3 % to 12.2 % and the seed error from 6.3 to
-    5.6 mm; benchmarks/surrogate32_v3.json)."""
+    5.6 mm; benchmarks/results/surrogate32_v3.json)."""
     signs = torch.tensor(MIRROR_SIGNS, dtype=tissue.dtype, device=tissue.device)
     plain = model(tissue, tumor)
     mirrored = model(torch.flip(tissue, (MIRROR_AXIS,)), torch.flip(tumor, (MIRROR_AXIS,))) * signs

@@ -27,7 +27,7 @@ import numpy as np
 from .constants import DEFAULT_METHOD, DEFAULT_WORKING_SPACING_MM, METHODS, STANDARD_MARGIN_MM
 from .errors import InputError
 from .geometry import Volume, mask_box
-from .inversion import InversionOptions, Problem, SearchSpace, run_method
+from .inversion import STEP_FINAL, InversionOptions, Problem, SearchSpace, run_method
 from .lesion import DEFAULT_LESION_TISSUE, LESION_GROW_MM, LesionTissue, lesion_mask, refill_lesion
 from .metrics import compare, dice
 from .observation import GriddedObservation, Observation
@@ -148,7 +148,7 @@ def blas_single_threaded():
     network and solver passes. On a 2-core machine OpenBLAS's worker threads, left spinning after a BLAS call, then
     compete with torch's threads for the same cores: a backward pass of the surrogate inside gb-surrogate's L-BFGS-B
     took 18-140 ms, against 13-22 ms in a loop of backward passes alone, and the default method ran up to 1.8 times
-    as long on small tumors (benchmarks/timing_repeats.json: both ways in one run, 5 cases x 2 input kinds x 4
+    as long on small tumors (benchmarks/results/timing_repeats.json: both ways in one run, 5 cases x 2 input kinds x 4
     rounds). No step of a personalisation gains from threaded BLAS: what it hands to BLAS is tiny (a 5-vector
     search, 4x4 affines). Without threadpoolctl (a Slicer install from before it was a dependency) this does
     nothing."""
@@ -193,10 +193,10 @@ def _personalize(tissue, observation, method, progress, cancel, device, working_
         # The method already ran these parameters on the tissue's grid (hybrid's close-call judge): that run is
         # the final one.
         concentration, loss = candidate.final, candidate.final_loss
-        problem.record("final FD run (tissue grid, the judge's)", loss, "fd")
+        problem.record("final FD run (tissue grid, the judge's)", loss, "fd", STEP_FINAL, "tissue")
     else:
         report(progress, 0.85, "final FD run on the tissue's grid")
-        concentration, loss = problem.tissue_grid_run(parameters, "final FD run (tissue grid)",
+        concentration, loss = problem.tissue_grid_run(parameters, "final FD run (tissue grid)", STEP_FINAL,
                                                       sub_progress(progress, 0.85, 0.97, "final FD run"))
     fit = _fit(gridded, concentration, tissue)
     report(progress, 0.97, "target plans")

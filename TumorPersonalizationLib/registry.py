@@ -24,7 +24,8 @@ def models_dir() -> Path:
     return resources_dir() / "Models"
 
 
-def _build(kind: str, config: Dict):
+def build_model(kind: str, config: Dict):
+    """An untrained network of `kind` ("surrogate" or "inverse") with the design `config` (a card's or recipe's)."""
     if kind == "surrogate":
         from .surrogate import SurrogateConfig, SurrogateUNet
 
@@ -88,7 +89,7 @@ def load_model(name: str, kind: Optional[str] = None, grid: Optional[int] = None
         state = torch.load(weights_path, map_location=device, weights_only=True)
     except Exception as error:  # the checksum matched, so this is a card written for a broken file
         raise InputError(f"cannot read weights file {weights_path}: {error}") from None
-    model = _build(card["kind"], card["config"])
+    model = build_model(card["kind"], card["config"])
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:

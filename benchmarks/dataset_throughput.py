@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Throughput of the training-data generator, before and after issue 9, on this machine, and the accuracy of the
-faster time steps.
+"""Throughput of the training-data generator, with the first datasets' settings and with the current ones, on this
+machine, and the accuracy of the faster time steps.
 
 Settings (the same sample indices of the same random stream, --seed):
 - before: the first datasets' generator, recipe "atlas" (the solver's default steps), one Dask worker process
@@ -19,7 +19,7 @@ Accuracy: for the first --check samples of the "after" setting, the FD run at th
 the recipe's steps against the same run with every step divided by 4 (converged): max abs difference on the grid.
 The recipe promises < 1e-3.
 
-    python benchmarks/dataset_throughput.py --samples 16 --check 8     # writes dataset_throughput.json / .png
+    python benchmarks/dataset_throughput.py --samples 16 --check 8     # writes results/dataset_throughput.json / .png
 Do not run it while another job shares the cores.
 """
 import argparse
@@ -133,7 +133,7 @@ def main():
     result["speed_up"] = {n: s["samples_per_hour"] / before for n, s in result["settings"].items()}
     result["step_accuracy"] = step_errors(settings["after"][0], args.check)
     result["max_step_error"] = max(r["max_abs_error"] for r in result["step_accuracy"])
-    out = ROOT / "benchmarks" / "dataset_throughput.json"
+    out = ROOT / "benchmarks" / "results" / "dataset_throughput.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out.with_suffix(".png"))
     print(f"speed-up {result['speed_up']}, max step error {result['max_step_error']:.2e}; wrote {out}")

@@ -26,7 +26,7 @@ time taken while other jobs shared the cores (load above ~2.5 on this 2-core mac
     python benchmarks/inversion.py --report-only               # JSON, Markdown table and plots from what is done
     python benchmarks/inversion.py --make-cases-only           # grow the cases first (untimed; may share the cores)
 
-Other brains (issue 9): the same methods on --shifted-cases cases (default 25) whose brain is the atlas deformed
+Other brains: the same methods on --shifted-cases cases (default 25) whose brain is the atlas deformed
 beyond the training range as the shifted test set's recipe draws it (half re-acquired on an oblique 0.9 x 0.9 x 3 mm
 grid), and on --nipype-cases cases (default 15) on another template brain from another segmentation tool
 (nipype_brain: the testbrain extra); each from its own streams, so no case's brain or tumor is one the networks
@@ -75,7 +75,7 @@ RUNS = ROOT / "benchmarks" / "results" / "inversion_runs.jsonl.gz"
 CASE_DIR = ROOT / "data" / "inversion_cases"
 VOLUME_RANGE_CM3 = (2.0, 120.0)
 BRAINS = ("atlas", "shifted", "nipype")
-# The shifted test set's anatomy (issue 9): beyond the training range, so no case's brain is a training brain.
+# The shifted test set's anatomy: beyond the training range, so no case's brain is a training brain.
 SHIFTED_ANATOMY = RECIPES["shifted"]["anatomy"]
 # Streams of a shifted case (seed, index, stream): its brain's draw, and its tumor's (apart from the atlas case of
 # the same index, whose tumor is drawn from (seed, index): the two columns are independent cases).
@@ -87,7 +87,7 @@ LEGACY_MODELS = {"direct": ("inverse32",), "gb-surrogate": ("inverse32", "surrog
                  "hybrid": ("inverse32", "surrogate32"), "hybrid-fd": ("inverse32", "surrogate32"),
                  "cma-surrogate": ("surrogate32",), "cma-solver": ()}
 # A method's revision, raised when a change to its code changes its answers; rows of an older revision are neither
-# resumed nor reported (rows from before revisions were recorded are revision 1). 2: CMA-ES evaluates every
+# resumed nor reported (a row that records none counts as 1). 2: CMA-ES evaluates every
 # candidate with its seed projected onto the allowed voxels, and its tolfun is relative to the no-tumor loss.
 # 2 for the methods that start from the inverse net: its answer is averaged with its answer to the left-right
 # mirrored input (InversionOptions.inverse_mirror_average). 3 for hybrid: a close call of the working grid's judge
@@ -98,9 +98,9 @@ METHOD_REVISIONS = {"cma-surrogate": 2, "cma-solver": 2, "direct": 2, "gb-surrog
                     "hybrid-fd": 2}
 # Whether `personalize` held numpy's BLAS to one thread (pipeline.blas_single_threaded, with threadpoolctl): rows
 # from before it ran with OpenBLAS's threads competing with torch's, up to 1.8x slower on small cases
-# (benchmarks/timing_repeats.json); their answers are the same.
+# (benchmarks/results/timing_repeats.json); their answers are the same.
 BLAS_LIMITED = importlib.util.find_spec("threadpoolctl") is not None
-# One run of this script: rows written by the same run were timed in the same sitting.
+# One run of this script: rows that share it were timed in the same state of the machine.
 RUN_ID = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
@@ -184,7 +184,7 @@ class Cases:
     def forward_seconds(self, index: int) -> Dict:
         """Wall time of one forward run of the true parameters at 1 mm as a user runs it, `simulate(tissue,
         parameters)` (which builds the tissue's operator, as `personalize`'s final run does), best of two, warm, in
-        this sitting, with the load average: the yardstick of 'no case over 4 forward runs'."""
+        this run, with the load average: the yardstick of 'no case over 4 forward runs'."""
         from TumorPersonalizationLib.solver import simulate
 
         tissue, truth = self.tissue_of(index), self.get(index)[0]
@@ -299,7 +299,7 @@ def tasks(count: int, other_counts: Dict[str, int] = None):
     out += [(i, "cma-surrogate", "concentration", "atlas") for i in range(min(count, 20))]
     out += [(i, "cma-solver", "concentration", "atlas") for i in range(min(count, 5))]
     # In blocks of 5 cases (fast methods, the segmentation fit, the same on the other brains, then cma-surrogate),
-    # with the slow cma-solver run of case i at the end of block i: a sitting that stops early still has every
+    # with the slow cma-solver run of case i at the end of block i: a run that stops early still has every
     # method on its first cases. A case's methods run one after another (its brain is built once).
     priority = {"cma-surrogate": 2 * len(BRAINS), "cma-solver": 2 * len(BRAINS) + 1}
 
@@ -326,7 +326,7 @@ def with_current_models(row) -> bool:
     """Whether a run belongs to the networks shipped now: runs of replaced networks are neither resumed nor reported.
 
     A run records the shipped pair it ran beside (`shipped_models`), so a method that uses no network (cma-solver)
-    is run again with every new pair: the wall-time comparison with it must come from the same sitting. Rows from
+    is run again with every new pair: the wall-time comparison with it must come from the same run. Rows from
     before that field: those that used networks belong to them; cma-solver's to the first pair."""
     if "shipped_models" in row:
         return row["shipped_models"] == SHIPPED_MODELS
@@ -359,7 +359,7 @@ def latest_per_task(rows):
     return list(latest.values())
 
 
-def same_sitting(rows) -> bool:
+def same_run(rows) -> bool:
     """Whether the rows were all written by one run of this script (rows from before runs recorded it: unknown)."""
     ids = {row.get("run_id") for row in rows}
     return len(ids) == 1 and None not in ids
@@ -410,8 +410,8 @@ def report(seed: int):
             entry["tissue_grid_judged"] = int(sum(r.get("fd_runs_tissue_grid", 1) >= 2 for r in rows))
             entry["close_calls_not_judged"] = int(sum(r.get("close_calls_not_judged", 0) > 0 for r in rows))
         entry["timed_with_blas_single_threaded"] = int(sum(bool(r.get("blas_single_threaded")) for r in rows))
-        # Rows kept from an earlier sitting (tagged by the commit they ran on) when a change could not alter their
-        # answers: their timings are from that sitting's machine state, not comparable with this one's.
+        # Rows kept from an earlier run (tagged by the commit they ran on) when a change could not alter their
+        # answers: their timings are from that run's machine state, not comparable with this one's.
         earlier = sorted({r["sitting"] for r in rows if r.get("sitting")})
         if earlier:
             entry["earlier_sitting"] = {"commits": earlier, "rows": int(sum(bool(r.get("sitting")) for r in rows))}
@@ -439,29 +439,29 @@ def report(seed: int):
                                                                                          for a, _ in pairs])),
                     "ncc": float(np.mean([a["metrics"]["ncc"] for a, _ in pairs])),
                     "ncc_cma_solver": float(np.mean([b["metrics"]["ncc"] for _, b in pairs])),
-                    "same_sitting": same_sitting([row for pair in pairs for row in pair])}
+                    "same_sitting": same_run([row for pair in pairs for row in pair])}
     retimed = retimed_every_case(groups)
     if retimed:
         summary["retimed_every_case"] = retimed
-    out = ROOT / "benchmarks" / "inversion.json"
+    out = ROOT / "benchmarks" / "results" / "inversion.json"
     out.write_text(json.dumps(summary, indent=2) + "\n")
-    write_table(summary, ROOT / "benchmarks" / "inversion.md")
-    plot(groups, ROOT / "benchmarks" / "inversion.png")
+    write_table(summary, ROOT / "benchmarks" / "results" / "inversion.md")
+    plot(groups, ROOT / "benchmarks" / "results" / "inversion.png")
     print(f"wrote {out}, inversion.md, inversion.png from {len(runs)} runs")
 
 
 def retimed_every_case(groups):
-    """Every benchmarks/timing_repeats*.json that timed the default method's current revision again on every atlas
-    case of this report, in interleaved rounds (benchmarks/timing_repeats.py --top ALL), pooled: per input kind the
-    worst per-case median of all their rounds' ratios and the cases whose median is over 4, and each pass's own worst
-    median. One timing of a 1-5 s run on this shared machine can be off by tens of percent, and 'no case over 4' is
-    judged on the worst case, where one noisy timing matters most; passes in different states of the machine can
-    disagree (a slow spell stretches the 1 mm yardstick more than the search), so every pass counts, not the newest
-    or the kindest. None when no such file is here."""
+    """Every benchmarks/results/timing_repeats*.json that timed the default method's current revision again on every
+    atlas case of this report, in interleaved rounds (benchmarks/timing_repeats.py --top ALL), pooled: per input kind
+    the worst per-case median of all their rounds' ratios and the cases whose median is over 4, and each run's own
+    worst median. One timing of a 1-5 s run on this shared machine can be off by tens of percent, and 'no case over
+    4' is judged on the worst case, where one noisy timing matters most; runs in different states of the machine can
+    disagree (a slow spell stretches the 1 mm yardstick more than the search), so every run counts, not the newest or
+    the kindest. None when no such file is here."""
     cases = {r["case"] for kind in ("concentration", "segmentation")
              for r in groups.get((DEFAULT_METHOD, kind, "atlas"), [])}
     passes = []
-    for path in sorted((ROOT / "benchmarks").glob("timing_repeats*.json")):
+    for path in sorted((ROOT / "benchmarks" / "results").glob("timing_repeats*.json")):
         data = json.loads(path.read_text())
         if (data.get("method") == DEFAULT_METHOD and data.get("method_revision") == METHOD_REVISIONS.get(
                 DEFAULT_METHOD, 1) and cases and set(data.get("cases", [])) >= cases):
@@ -478,7 +478,7 @@ def retimed_every_case(groups):
             for r in data["records"]:
                 if r["kind"] == kind and r["case"] in cases and r["arm"] == arm:
                     ratios.setdefault(r["case"], []).append(r["ratio"])
-            # Each pass alone, from its own per-case summary (timing_repeats.summarise).
+            # Each run alone, from its own per-case summary (timing_repeats.summarise).
             entries = [e for e in data["per_task"] if e["kind"] == kind and e["case"] in cases]
             worst = max(entries, key=lambda e: e[arm]["ratio_median"])
             result["passes"][index].setdefault("worst_median", {})[kind] = {
@@ -641,7 +641,7 @@ def main():
     parser.add_argument("--cases", type=int, default=50)
     parser.add_argument("--seed", type=int, default=2026, help="random stream of the cases (training used 0, the "
                                                                  "surrogate test set 1000)")
-    # Fewer cases on the other brains than on the atlas: each of them costs a sitting about a minute of 2-core time
+    # Fewer cases on the other brains than on the atlas: each of them costs a run about a minute of 2-core time
     # per case and method set, and the atlas column carries the personalisation targets.
     parser.add_argument("--shifted-cases", type=int, default=25, help="cases on shifted brains")
     parser.add_argument("--nipype-cases", type=int, default=15, help="cases on nipype's 3 mm template brain (needs "

@@ -56,7 +56,7 @@ from TumorPersonalizationLib.plans import coverage, later_growth_coverage, make_
 from TumorPersonalizationLib.tissue import Tissue  # noqa: E402
 
 ROWS = ROOT / "benchmarks" / "results" / "patients_rows.jsonl"
-OUT_PREFIX = ROOT / "benchmarks" / "patients"
+OUT_PREFIX = ROOT / "benchmarks" / "results" / "patients"
 ARMS = ("keep", "atlas")
 T1_ARM = "t1"
 # The input streams of a patient (seed, brain, case, INPUT_STREAM, input): apart from its brain's and its tumor's.

@@ -12,7 +12,7 @@ from another segmentation tool, the testbrain extra; soft and hard labels) and r
 
 Each case runs --repeats times; wall-clock and process CPU seconds are recorded per run with the machine's load
 average (the machine is shared: the CPU seconds are the load-independent figure; the wall-clock of an idle 2-core
-machine is at most that). Writes benchmarks/registration.json and registration.png (checkerboards of patient and
+machine is at most that). Writes benchmarks/results/registration.json and registration.png (checkerboards of patient and
 registered atlas, WM outlines).
 
     PYTHONPATH=. python benchmarks/registration.py [--repeats 2] [--no-other-brain]
@@ -175,7 +175,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-other-brain", action="store_true", help="skip nipype's brain and the noise case")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "registration.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "registration.json")
     args = parser.parse_args()
 
     atlas1, template1 = load_atlas(1), load_atlas_t1(1)

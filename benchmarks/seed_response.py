@@ -2,11 +2,11 @@
 """Does the surrogate move its tumor where the seed goes? Its response to seed shifts, against the FD solver's.
 
 The gradient-based inversion finds the seed by moving it through the frozen surrogate; a surrogate whose tumor stays
-put when the seed moves gives that search no signal (issue 7's seed test, issue 9's diagnosis). For held-out test
-samples (their brain, parameters and frame as stored), the seed is shifted by +/- --shift-mm along each RAS axis
-with the frame held fixed, and the tumor's centre of mass (concentration-weighted, inside the brain, on the frame's
-grid) is measured for the FD solver (the truth: 2 mm, the sample's own brain, the area average to the frame grid)
-and for each surrogate. Shifts whose seed leaves the brain are dropped.
+put when the seed moves gives that search no signal. For held-out test samples (their brain, parameters and frame as
+stored), the seed is shifted by +/- --shift-mm along each RAS axis with the frame held fixed, and the tumor's centre
+of mass (concentration-weighted, inside the brain, on the frame's grid) is measured for the FD solver (the truth:
+2 mm, the sample's own brain, the area average to the frame grid) and for each surrogate. Shifts whose seed leaves
+the brain are dropped.
 
 Reported per model: the slope of the surrogate's displacement along the shift on the solver's (least squares through
 the origin; 1 = the surrogate follows the seed as the physics does), the mean distance between the two displacement
@@ -126,7 +126,7 @@ def main():
     parser.add_argument("--test", type=Path, default=ROOT / "data" / "test32_v3")
     parser.add_argument("--samples", type=int, default=20, help="the first N test samples")
     parser.add_argument("--shift-mm", type=float, default=6.0)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "seed_response.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "seed_response.json")
     args = parser.parse_args()
 
     models = {name: load_model(name, kind="surrogate") for name in args.models}

@@ -5,11 +5,11 @@ For each (mu_D, mu_rho) the default solver is timed (median of repeats) and comp
 the same solver with every time step divided by --refinement (second order: the reference's own error is ~1/16 of
 the default's at 4x). Peak resident memory is read from /proc (VmHWM, reset before each case).
 
-    python benchmarks/solver.py            # writes benchmarks/solver.json and benchmarks/solver.png
+    python benchmarks/solver.py            # writes benchmarks/results/solver.json and .png
     python benchmarks/solver.py --quick    # fewer cases
 
-Reference toolkit figures (numpy TumorGrowthToolkit, same machine kind, mu_D 7.1 mm, mu_rho 3.2) are quoted from
-DESIGN.md, not re-measured here: 4.5 s at 2 mm, 61-64 s at 1 mm.
+Reference toolkit figures (numpy TumorGrowthToolkit, same machine kind, mu_D 7.1 mm, mu_rho 3.2) are quoted, not
+re-measured here: 4.5 s at 2 mm, 61-64 s at 1 mm.
 """
 import argparse
 import json
@@ -164,7 +164,7 @@ def plot(results, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few cases only")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "solver.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "solver.json")
     parser.add_argument("--gradient-only", action="store_true",
                         help="rerun only the gradient cases and update them in --out (the rest is kept)")
     args = parser.parse_args()

@@ -7,7 +7,7 @@ of the active box they run on). This script times forward runs of the FD solver 
 seconds = a * voxel_stencils (least relative squares), and reports how far the prediction is off, for single runs
 and for the time ratio of two runs (what the cap uses), with the shipped `solver.SECONDS_PER_VOXEL_STENCIL`.
 
-    python benchmarks/solver_cost.py     # writes benchmarks/solver_cost.json and benchmarks/solver_cost.png
+    python benchmarks/solver_cost.py     # writes benchmarks/results/solver_cost.json and .png
 """
 import itertools
 import json
@@ -76,7 +76,7 @@ def main():
                                      "max": float(np.exp(np.max(pair_ratio_error)))},
         "rows": rows,
     }
-    out = ROOT / "benchmarks"
+    out = ROOT / "benchmarks" / "results"
     (out / "solver_cost.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}, indent=1))
 

@@ -17,7 +17,7 @@ a test set that shares any, and records the count as shared_with_training.
 
     python benchmarks/surrogate.py --model surrogate32 --test data/test32
     python benchmarks/surrogate.py --model surrogate32 --test data/test32_shifted \
-        --out benchmarks/surrogate_shifted.json
+        --out benchmarks/results/surrogate32_test32_shifted.json
 (the shifted test set: brains deformed beyond the training range, half re-acquired on oblique 3 mm slices; each
 sample is re-run at FD resolution on its own brain, rebuilt from its stored draw).
 """
@@ -156,7 +156,7 @@ def main():
     parser.add_argument("--inverse", default=SHIPPED_MODELS["inverse"], help="evaluated too if bundled")
     parser.add_argument("--test", type=Path, default=ROOT / "data" / "test32")
     parser.add_argument("--fd-samples", type=int, default=200, help="samples re-run with the FD solver")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "surrogate.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "surrogate.json")
     parser.add_argument("--part", choices=("both", "surrogate", "inverse"), default="both",
                         help="surrogate: leave the inverse net out; inverse: evaluate only it, keeping the surrogate's "
                              "results already in --out (the same model and test set)")

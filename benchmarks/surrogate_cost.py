@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Cost of candidate surrogate designs on this CPU, measured before choosing one (issue: train within ~2 h).
+"""Cost of candidate surrogate designs on this CPU, measured before choosing one (the aim: train within ~2 h).
 
 For each design: parameters, one training step (forward + backward + AdamW) per sample at batch 8, and inference
-for one case and for a batch of 8; plus the direct inverse network. Writes benchmarks/surrogate_cost.json/.png.
+for one case and for a batch of 8; plus the direct inverse network. Writes benchmarks/results/surrogate_cost.json/.png.
 
     python benchmarks/surrogate_cost.py                    # every design (about 10 minutes)
     python benchmarks/surrogate_cost.py --only 8-16-48-128 # re-measure the matching designs, keep the other rows
@@ -69,7 +69,7 @@ def main():
     parser.add_argument("--only", help="measure only designs whose name contains this; keep the stored other rows")
     args = parser.parse_args()
     torch.manual_seed(0)
-    out = ROOT / "benchmarks" / "surrogate_cost.json"
+    out = ROOT / "benchmarks" / "results" / "surrogate_cost.json"
     stored = {r["design"]: r for r in json.loads(out.read_text())["designs"]} if args.only and out.exists() else {}
     rows = []
     inverse_name = "inverse ConvNeXt k3, widths 16-32-64-96, 32^3"

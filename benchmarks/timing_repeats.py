@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Is 'no case over 4 forward runs' a property of the default method or of one lucky sitting?
+"""Is 'no case over 4 forward runs' a property of the default method or of one lucky run?
 
 The inversion benchmark times every (case, method) once. On a shared 2-core machine one timing of a 3-5 s run can
 be off by tens of percent, and the target is judged on the worst case, the one where a single noisy timing matters
@@ -12,7 +12,7 @@ cases alike, and each round's ratio uses that round's own yardstick.
 
 Two arms in every round, in alternating order: the library as it is (numpy's BLAS held to one thread during
 `personalize`, pipeline.blas_single_threaded) and the same code with that limit switched off (what the benchmark's
-rows before the limit measured). So the limit's effect is measured in one sitting, case by case, against the same
+rows before the limit measured). So the limit's effect is measured in one run, case by case, against the same
 yardsticks.
 
 It also checks determinism: every repeat must find the same answer (NCC against the hidden truth) as the committed
@@ -21,7 +21,7 @@ benchmark row did.
     python benchmarks/timing_repeats.py --top 5 --repeats 4    # about 20 minutes on 2 cores; needs the cores alone
     python benchmarks/timing_repeats.py --arms limited --out timing_repeats_hybrid4    # the shipped arm only
 
-Writes benchmarks/timing_repeats.json and .png (or --out's name).
+Writes benchmarks/results/timing_repeats.json and .png (or --out's name).
 """
 import argparse
 import contextlib
@@ -51,7 +51,7 @@ KINDS = ("concentration", "segmentation")
 ARMS = ("limited", "unlimited")
 LIMITER = pipeline.blas_single_threaded
 TARGET_FORWARD_RUNS = 4.0
-OUT = ROOT / "benchmarks" / "timing_repeats"
+OUT = ROOT / "benchmarks" / "results" / "timing_repeats"
 
 
 def single_shots(seed: int):
@@ -138,7 +138,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=4, help="timed rounds per case and input kind")
     parser.add_argument("--seed", type=int, default=2026, help="the inversion benchmark's case stream")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to time (default both)")
-    parser.add_argument("--out", default=OUT.name, help="output name under benchmarks/ (.json and .png)")
+    parser.add_argument("--out", default=OUT.name, help="output name under benchmarks/results/ (.json and .png)")
     args = parser.parse_args()
     arms = tuple(a for a in args.arms.split(",") if a)
     if not arms or set(arms) - set(ARMS):

@@ -7,7 +7,8 @@
     python scripts/train.py scripts/recipes/surrogate32.json --device cuda
 
 Checkpoints, the loss curve (loss.png) and logs go to --work-dir (default runs/<recipe name>); the best weights and
-their model card go to Resources/Models/<name>.pt/.json.
+their model card go to Resources/Models/<name>.pt/.json, the held-out check samples the card names to
+scripts/recipes/checks/<name>_check.npz (not shipped: the tests read them there).
 """
 import argparse
 import sys
@@ -31,7 +32,7 @@ def main(argv=None):
         recipe = read_recipe(args.recipe)
         card = train(recipe, args.work_dir or ROOT / "runs" / recipe["name"], device=args.device,
                      progress=lambda fraction, line: print(line, file=sys.stderr, flush=True),
-                     max_epochs=args.max_epochs)
+                     max_epochs=args.max_epochs, checks_directory=ROOT / "scripts" / "recipes" / "checks")
     except InputError as error:
         print(f"train: error: {error}", file=sys.stderr)
         return 2

@@ -34,9 +34,10 @@ from .methods import (METHOD_FUNCTIONS, cma_solver, cma_surrogate, direct, fd_po
                       run_method)
 from .models import FDModel, InverseNetwork, ModelCache, SurrogateModel
 from .options import MIN_MU_D_MM, MIN_MU_RHO, InversionOptions
-from .problem import Problem, RunLog
+from .problem import GRIDS, STEP_FINAL, STEP_JUDGE, STEP_PROJECTED, STEP_SEARCH, STEPS, Problem, RunLog
 from .space import Candidate, SearchSpace
 
-__all__ = ["METHODS", "METHOD_FUNCTIONS", "MIN_MU_D_MM", "MIN_MU_RHO", "Candidate", "FDModel", "InverseNetwork",
+__all__ = ["GRIDS", "STEPS", "STEP_FINAL", "STEP_JUDGE", "STEP_PROJECTED", "STEP_SEARCH",
+           "METHODS", "METHOD_FUNCTIONS", "MIN_MU_D_MM", "MIN_MU_RHO", "Candidate", "FDModel", "InverseNetwork",
            "InversionOptions", "ModelCache", "Problem", "RunLog", "SearchSpace", "SurrogateModel", "cma_solver",
            "cma_surrogate", "direct", "fd_polish", "gb_surrogate", "hybrid", "hybrid_fd", "run_method"]

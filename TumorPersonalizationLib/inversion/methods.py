@@ -12,7 +12,7 @@ from ..inverse_net import inverse_answer
 from ..parameters import MU_D_MM_BOUNDS, MU_RHO_BOUNDS, GrowthParameters
 from ..progress import check_cancel, report, sub_progress
 from .optimisers import cma_es, lbfgs_b
-from .problem import Problem
+from .problem import STEP_JUDGE, Problem
 from .space import Candidate, SearchSpace
 
 
@@ -78,7 +78,7 @@ def hybrid(problem: Problem) -> Candidate:
                 continue
             spent += cost
             concentration, loss = problem.tissue_grid_run(
-                parameters, "hybrid: FD judge (tissue grid)",
+                parameters, "hybrid: FD judge (tissue grid)", STEP_JUDGE,
                 sub_progress(progress, 0.8 + 0.2 * n / len(close), 0.8 + 0.2 * (n + 1) / len(close),
                              f"hybrid: close call, judging {len(close)} candidates on the tissue's grid"))
             finalists.append(replace(candidate, parameters=parameters, final=concentration, final_loss=loss))

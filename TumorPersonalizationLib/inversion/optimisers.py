@@ -8,7 +8,7 @@ import torch
 
 from ..parameters import GrowthParameters
 from ..progress import ProgressCallback, check_cancel, report
-from .problem import Problem
+from .problem import STEP_PROJECTED, STEP_SEARCH, Problem
 from .space import SearchSpace
 
 
@@ -38,7 +38,7 @@ def lbfgs_b(problem: Problem, space: SearchSpace, loss_of: Callable, start: Grow
         if scale[0] is None:
             scale[0] = max(value, 1e-30) if relative else 1.0
         evaluations[0] += 1
-        problem.record(stage, value, kind)
+        problem.record(stage, value, kind, STEP_SEARCH, _grid(kind))
         if value < best["loss"]:
             best.update(loss=value, unit=unit.copy())
         report(progress, min(evaluations[0] / max_evaluations, 1.0), f"{stage} loss {value:.3e}")
@@ -67,7 +67,7 @@ def _projected(problem: Problem, space: SearchSpace, unit: np.ndarray, loss: flo
         return parameters, loss
     check_cancel(problem.cancel)
     loss = unit_loss(space.to_unit(parameters))
-    problem.record(f"{stage}: projected seed", loss, kind)
+    problem.record(f"{stage}: projected seed", loss, kind, STEP_PROJECTED, _grid(kind))
     return parameters, loss
 
 
@@ -96,7 +96,7 @@ def cma_es(problem: Problem, space: SearchSpace, batch_losses: Callable, start: 
         losses = batch_losses(candidates)
         strategy.tell(population, [loss / scale for loss in losses])
         for parameters, loss in zip(candidates, losses):
-            problem.record(stage, loss, kind)
+            problem.record(stage, loss, kind, STEP_SEARCH, _grid(kind))
             if loss < best[0]:
                 best = (float(loss), parameters)
         evaluations += len(population)
@@ -104,3 +104,9 @@ def cma_es(problem: Problem, space: SearchSpace, batch_losses: Callable, start: 
     stopped = ", ".join(f"{name} {value:g}" if isinstance(value, (int, float)) else str(name)
                         for name, value in strategy.stop().items())
     return best[1], best[0], stopped
+
+
+def _grid(kind: str) -> str:
+    """Where an optimiser's loss of this kind is computed: FD losses on the working grid, the others by the
+    surrogate network."""
+    return "working" if kind == "fd" else "network"

@@ -28,8 +28,8 @@ class InversionOptions:
     # with the winner, by FD runs on the tissue's own grid (the winner of that is the final run, so one run more,
     # not two). Why: the working grid's own discretisation error (larger for small tumors, and for segmentations,
     # whose labels the coarse grid blurs) can order two close candidates otherwise than the tissue grid, where the
-    # answer is delivered (benchmarks/inversion.md: 6 of 16 segmentation close calls changed their pick). 0 turns it
-    # off.
+    # answer is delivered (benchmarks/results/inversion.md: 6 of 16 segmentation close calls changed their pick). 0
+    # turns it off.
     tissue_judge_ratio: float = 1.5
     # ... as long as the whole search stays within this many runs of the working grid's winner on the tissue's
     # grid: the networks (tissue_judge_fixed_s), the working grid's judge runs and the tissue-grid runs, each run's

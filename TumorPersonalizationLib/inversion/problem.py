@@ -20,6 +20,17 @@ from .options import MIN_MU_D_MM, MIN_MU_RHO, InversionOptions
 from .space import Candidate, SearchSpace
 
 
+# What a history entry records, in its "step" field (for programs; "stage" is the prose shown to people).
+STEP_SEARCH = "search"        # a loss an optimiser evaluated
+STEP_PROJECTED = "projected"  # an optimiser's answer, its seed projected onto the allowed voxels
+STEP_JUDGE = "judge"          # a candidate scored by an FD run, to choose between candidates or to start a polish
+STEP_FINAL = "final"          # the FD run on the tissue's grid whose concentration is the result
+STEPS = (STEP_SEARCH, STEP_PROJECTED, STEP_JUDGE, STEP_FINAL)
+# Where the loss was computed, in its "grid" field: the surrogate network, or an FD run on the working grid or on
+# the tissue's own grid.
+GRIDS = ("network", "working", "tissue")
+
+
 @dataclass
 class RunLog:
     """What the stages of one problem record, shared by the problem and its sub-problems."""
@@ -29,9 +40,13 @@ class RunLog:
     close_calls_not_judged: int = 0  # hybrid: close calls' runners-up left unjudged by the run cap
     started: float = field(default_factory=time.perf_counter)  # perf_counter at the start (history's elapsed_s)
 
-    def record(self, stage: str, loss: float, kind: str) -> None:
-        self.history.append({"evaluation": len(self.history) + 1, "stage": stage, "loss": float(loss),
-                             "loss_kind": kind, "elapsed_s": round(time.perf_counter() - self.started, 3)})
+    def record(self, stage: str, loss: float, kind: str, step: str, grid: str) -> None:
+        """Append one evaluation: stage (prose), loss, kind ("fd" / "surrogate"), step (STEPS), grid (GRIDS)."""
+        if step not in STEPS or grid not in GRIDS:
+            raise ValueError(f"unknown step {step!r} or grid {grid!r}: steps {STEPS}, grids {GRIDS}")
+        self.history.append({"evaluation": len(self.history) + 1, "stage": stage, "step": step, "grid": grid,
+                             "loss": float(loss), "loss_kind": kind,
+                             "elapsed_s": round(time.perf_counter() - self.started, 3)})
 
 
 @dataclass
@@ -87,7 +102,8 @@ class Problem:
     # ---- what the pipeline reads -------------------------------------------------------------------------------
     @property
     def history(self) -> List[Dict]:
-        """Every loss evaluated so far: evaluation, stage, loss, loss_kind ("fd" / "surrogate"), elapsed_s."""
+        """Every loss evaluated so far: evaluation, stage (prose), step (STEPS), grid (GRIDS), loss, loss_kind
+        ("fd" / "surrogate"), elapsed_s."""
         return self.log.history
 
     @property
@@ -119,13 +135,13 @@ class Problem:
         return self.models.network_frame
 
     # ---- bookkeeping -----------------------------------------------------------------------------------------
-    def record(self, stage: str, loss: float, kind: str) -> None:
-        self.log.record(stage, loss, kind)
+    def record(self, stage: str, loss: float, kind: str, step: str, grid: str) -> None:
+        self.log.record(stage, loss, kind, step, grid)
 
     def fd_loss(self, candidate: Candidate, stage: str) -> Candidate:
         """The judge: the candidate's data loss from an FD run on the working grid."""
         loss = self.fd().loss_of(candidate.parameters, self.cancel)
-        self.record(stage, loss, "fd")
+        self.record(stage, loss, "fd", STEP_JUDGE, "working")
         return replace(candidate, fd_loss=loss)
 
     def predicted_run_s(self, parameters: GrowthParameters, tissue_grid: bool) -> float:
@@ -140,11 +156,11 @@ class Problem:
         schedule = schedule_run(operator, values[:1], values[1:2], values[2:].reshape(1, 3), control)
         return SECONDS_PER_VOXEL_STENCIL * schedule.work()
 
-    def tissue_grid_run(self, parameters: GrowthParameters, stage: str,
+    def tissue_grid_run(self, parameters: GrowthParameters, stage: str, step: str,
                         progress: Optional[ProgressCallback] = None) -> Tuple[Volume, float]:
         """The FD run of `parameters` on the tissue's own grid (the solver's default steps, as `simulate`) and its
-        data loss against the observation there: (concentration image, loss). InputError if the seed is not in
-        grey or white matter."""
+        data loss against the observation there: (concentration image, loss), recorded as `step` (STEP_JUDGE or
+        STEP_FINAL). InputError if the seed is not in grey or white matter."""
         from ..solver import check_seed
 
         check_seed(self.tissue, parameters.seed_ras_mm)
@@ -157,5 +173,5 @@ class Problem:
         loss = self.observation.loss(torch.as_tensor(concentration.array[None]),
                                      torch.as_tensor(self.tissue.brain_mask, dtype=torch.float32))
         loss = float(loss[0])
-        self.record(stage, loss, "fd")
+        self.record(stage, loss, "fd", step, "tissue")
         return concentration, loss

@@ -2,7 +2,7 @@
 
 Resumable (a checkpoint after every epoch holds model, optimiser, schedule, history, best weights and RNG states),
 fixed seeds, a validation split, early stopping, a progress bar and a loss-curve plot; at the end the best weights
-and their model card go to Resources/Models through the registry.
+and their model card go to Resources/Models through the registry; the held-out check samples go apart from them.
 """
 import json
 import math
@@ -144,14 +144,18 @@ def load_initial_weights(model, start, start_config: Dict, config: Dict, start_n
 
 
 def build(recipe: Dict):
-    from ..registry import _build
+    from ..registry import build_model
 
-    return _build(recipe["kind"], recipe["config"])
+    return build_model(recipe["kind"], recipe["config"])
 
 
 def train(recipe: Dict, work_dir, device="cpu", progress: Optional[ProgressCallback] = None,
-          models_directory: Optional[Path] = None, max_epochs: Optional[int] = None, cancel=None) -> Dict:
+          models_directory: Optional[Path] = None, max_epochs: Optional[int] = None, cancel=None,
+          checks_directory: Optional[Path] = None) -> Dict:
     """Train (or resume) per recipe; returns the model card written to the registry.
+
+    models_directory: where the weights and card go (None: the registry's, Resources/Models). checks_directory:
+    where the held-out check samples (NAME_check.npz, named in the card) go (None: work_dir); they are not shipped.
 
     progress(fraction of the epochs, message) after every epoch; cancel (progress.py) is checked between batches
     and stops at the last checkpoint (an epoch boundary), from which a later call resumes."""
@@ -261,7 +265,8 @@ def train(recipe: Dict, work_dir, device="cpu", progress: Optional[ProgressCallb
                    else evaluate_inverse(model, test, scaling, device))
         if recipe["kind"] == "inverse" and "segmentation_input" in test:
             segmentation_metrics = evaluate_inverse(model, test, scaling, device, tumor_input="segmentation_input")
-        check = _write_check_samples(model, recipe, test_arrays, scaling, device, models_directory)
+        check = _write_check_samples(model, recipe, test_arrays, scaling, device,
+                                     Path(checks_directory) if checks_directory is not None else work_dir)
     card = {
         "name": recipe["name"], "kind": recipe["kind"], "config": recipe["config"],
         "grid": grid, "spacing_mm": manifest["surrogate_geometry"]["spacing_mm"],
@@ -286,19 +291,18 @@ def train(recipe: Dict, work_dir, device="cpu", progress: Optional[ProgressCallb
 CHECK_SAMPLES = 4
 
 
-def _write_check_samples(model, recipe, arrays, scaling, device, models_directory) -> Dict:
-    """A few held-out samples stored beside the weights, with the model's metrics on them: a test can then show
-    that the bundled weights still reproduce their card."""
+def _write_check_samples(model, recipe, arrays, scaling, device, directory: Path) -> Dict:
+    """A few held-out samples written to `directory`, with the model's metrics on them: a test can then show that
+    the weights still reproduce their card."""
     import io
 
     from ..imageio import atomic_write_bytes
-    from ..registry import models_dir
 
     subset = {k: v[:CHECK_SAMPLES] for k, v in arrays.items()}
     tensors = to_tensors(subset, scaling)
     metrics = (evaluate_surrogate(model, tensors, device) if recipe["kind"] == "surrogate"
                else evaluate_inverse(model, tensors, scaling, device))
-    directory = Path(models_directory) if models_directory is not None else models_dir()
+    directory.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **{k: subset[k] for k in ("tissue", "concentration", "seed_offset_mm", "mu_d_mm",
                                                           "mu_rho")})
