@@ -1,5 +1,5 @@
-"""The library's layering, read from its source (ast): no run-time module imports the offline subpackage, and the
-pipeline uses no private name of another module (attribute or import)."""
+"""The library's layering, read from its source (ast): no run-time module imports the offline subpackage, the
+pipeline uses no private name of another module (attribute or import), and no test touches a private name."""
 import ast
 from pathlib import Path
 
@@ -71,3 +71,10 @@ def test_no_runtime_module_imports_the_offline_subpackage():
 def test_the_pipeline_uses_no_private_name_of_another_module():
     found = private_attributes(LIBRARY / "pipeline.py")
     assert found == [], f"pipeline.py reads private attributes: {found}"
+
+
+def test_no_test_touches_a_private_name():
+    """Tests use what the library offers its users: no `x._field` on an object, no `_name` imported."""
+    tests = sorted(Path(__file__).resolve().parent.rglob("*.py"))
+    found = {path.name: private_attributes(path) for path in tests}
+    assert {name: hits for name, hits in found.items() if hits} == {}

@@ -496,15 +496,15 @@ def test_blurred_labels_in_their_box_equal_the_whole_image_blur_bit_for_bit():
 def test_a_tumor_in_two_pieces_is_reported_also_at_the_image_face():
     """The components are counted in the tumor's box grown by a voxel (clipped at the image): two pieces, one on
     the image's first slice, give the warning; one piece does not."""
-    from TumorPersonalizationLib.pipeline import _observation_warnings
+    from TumorPersonalizationLib.pipeline import observation_warnings
 
     tissue = make_tissue(np.ones((20, 20, 20)), spacing=(2.0, 2.0, 2.0))
     visible = np.zeros(tissue.geometry.shape_kji, bool)
     visible[0:3, 2:5, 2:5] = True  # 27 voxels of 8 mm^3: 0.216 cm^3
-    one = _observation_warnings(tissue, visible, visible)
+    one = observation_warnings(tissue, visible, visible)
     assert not any("components" in w for w in one)
     visible[10:13, 10:13, 10:13] = True
-    assert any("2 separate components" in w for w in _observation_warnings(tissue, visible, visible))
+    assert any("2 separate components" in w for w in observation_warnings(tissue, visible, visible))
 
 
 def test_personalize_records_why_cma_stopped():

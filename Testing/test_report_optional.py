@@ -48,11 +48,11 @@ def test_write_outputs_with_matplotlib_records_the_picture(tmp_path, monkeypatch
 
 def test_batch_script_without_matplotlib_completes_and_says_the_picture_was_skipped(tmp_path, monkeypatch, capsys):
     pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML libraries, Python >= 3.11) not installed")
-    from test_slicer_logic import _batch_module
+    from test_slicer_logic import batch_module
 
     from TumorPersonalizationLib.tissue import Tissue
 
-    batch = _batch_module()
+    batch = batch_module()
     result = _stand_in_result()
     geometry = result.concentration.geometry
     wm = np.zeros(geometry.shape_kji, np.float32)

@@ -533,7 +533,7 @@ def test_dependencies_are_never_installed_outside_the_application(module, monkey
 
 
 # ---- batch script ---------------------------------------------------------------------------------------------------
-def _batch_module():
+def batch_module():
     if "slicer_batch" not in sys.modules:
         spec = importlib.util.spec_from_file_location("slicer_batch", REPOSITORY / "scripts" / "slicer_batch.py")
         module = importlib.util.module_from_spec(spec)
@@ -543,7 +543,7 @@ def _batch_module():
 
 
 def test_batch_script_reads_files_into_nodes_and_writes_the_output_nodes(tmp_path, monkeypatch, capsys):
-    batch = _batch_module()
+    batch = batch_module()
     scene = mrml.create_headless_scene()
     masks = tissue_masks()
     tissue_path = tmp_path / "tissue.nii.gz"
@@ -596,7 +596,7 @@ def test_batch_script_reads_files_into_nodes_and_writes_the_output_nodes(tmp_pat
 
 
 def test_batch_script_refuses_bad_input_with_one_line(tmp_path, capsys):
-    batch = _batch_module()
+    batch = batch_module()
     status = batch.main(["--tissue", str(tmp_path / "missing.nii.gz"), "--tumor", "x.nii.gz", "--out-dir",
                          str(tmp_path / "out")])
     error = capsys.readouterr().err.strip()
@@ -727,7 +727,7 @@ def test_batch_script_on_the_bundled_atlas_under_plain_python(tmp_path):
          str(tumor_path), "--method", "direct", "--progress", "none", "--out-dir", str(out_dir)],
         capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
     assert completed.returncode == 0, completed.stderr
-    assert sorted(p.name for p in out_dir.iterdir()) == sorted(_batch_module().OUTPUT_FILES)
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(batch_module().OUTPUT_FILES)
     summary = json.loads((out_dir / "parameters.json").read_text())
     assert np.linalg.norm(np.subtract(summary["seed_ras_mm"], TRUE_SEED_RAS_MM)) < 15.0
 

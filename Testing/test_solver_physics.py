@@ -10,7 +10,7 @@ from conftest import heterogeneous_tissue, make_tissue
 from TumorPersonalizationLib.parameters import GrowthParameters
 from TumorPersonalizationLib.solver import (INITIAL_AMPLITUDE, StepControl, TissueOperator, apply_laplacian,
                                             lattice_front, rkl2_coefficients, schedule_run, simulate, simulate_tensor,
-                                            _diffusion_step)
+                                            diffusion_step)
 
 
 def _front_position(profile, spacing, level=0.5):
@@ -222,7 +222,7 @@ def test_rkl2_is_second_order_for_diffusion():
         c = c0.clone()
         dt = 10.0 / steps
         for _ in range(steps):
-            c = _diffusion_step(c, operator.faces, torch.tensor(dt, dtype=torch.float64), rkl2_coefficients(10))
+            c = diffusion_step(c, operator.faces, torch.tensor(dt, dtype=torch.float64), rkl2_coefficients(10))
         errors.append(float((c - exact).abs().max()))
     assert errors[0] < 1e-2
     assert errors[0] / errors[1] == pytest.approx(4.0, rel=0.15)
@@ -246,12 +246,12 @@ def test_rkl2_stable_at_its_limit_and_laplacian_conservative(stages):
     dt = 0.99 * (stages ** 2 + stages - 2) / 4 * 2.0 / lambda_max
     start = float(c.abs().max())
     for _ in range(300):
-        c = _diffusion_step(c, operator.faces, torch.tensor(dt, dtype=torch.float64), rkl2_coefficients(stages))
+        c = diffusion_step(c, operator.faces, torch.tensor(dt, dtype=torch.float64), rkl2_coefficients(stages))
     assert float(c.abs().max()) <= start + 1e-9
     # Just beyond the limit the stiffest mode grows: the limit is real, so the test above is not vacuous.
     unstable = v.clone()
     for _ in range(300):
-        unstable = _diffusion_step(unstable, operator.faces, torch.tensor(1.1 * dt / 0.99, dtype=torch.float64),
+        unstable = diffusion_step(unstable, operator.faces, torch.tensor(1.1 * dt / 0.99, dtype=torch.float64),
                                    rkl2_coefficients(stages))
     assert not float(unstable.abs().max()) <= 10.0  # grew (possibly past float range)
 

@@ -258,7 +258,7 @@ def prepare_problem(tissue: Tissue, observation: Observation, options: Optional[
     in_brain = visible & tissue.brain_mask
     if not np.any(in_brain):
         raise InputError("the tumor lies outside the brain: none of its visible voxels is grey or white matter")
-    warnings = _observation_warnings(tissue, visible, in_brain)
+    warnings = observation_warnings(tissue, visible, in_brain)
     work = working_tissue(tissue, working_spacing_mm)
     work_observation = gridded if work is tissue else gridded.resample(work.geometry)
     space = SearchSpace.around_tumor(tissue, gridded.visible, options.seed_margin_mm)
@@ -278,7 +278,9 @@ def _fit(observation: GriddedObservation, concentration: Volume, tissue: Tissue)
     return fit
 
 
-def _observation_warnings(tissue: Tissue, visible: np.ndarray, in_brain: np.ndarray) -> List[str]:
+def observation_warnings(tissue: Tissue, visible: np.ndarray, in_brain: np.ndarray) -> List[str]:
+    """One-line warnings about the observed tumor on the tissue's grid: its share outside grey/white matter and
+    several separate foci. visible: boolean (k, j, i), the visible tumor; in_brain: its voxels inside the brain."""
     from scipy.ndimage import label
 
     warnings = []

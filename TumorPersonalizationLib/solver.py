@@ -241,7 +241,7 @@ def rkl2_stages_for(dt: float, dt_explicit: float, safety: float) -> int:
     return max(2, s)
 
 
-def _diffusion_step(c, faces, diffusivity_dt, coefficients):
+def diffusion_step(c, faces, diffusivity_dt, coefficients):
     """One RKL2 step of dc/dt = D L c over dt; diffusivity_dt = D_WM * dt per batch element, shaped (B,1,1,1)."""
     l0 = laplacian(c, faces).mul_(diffusivity_dt)
     y_prev2 = c
@@ -429,7 +429,7 @@ def simulate_tensor(operator: TissueOperator, mu_d_mm, mu_rho, seed_ras_mm, cont
         check_cancel(cancel)
         for n in range(start, start + count):
             c_in = _logistic_step(c_in, torch.exp(-rho_in * reaction_steps[n]))
-            c_in = _diffusion_step(c_in, faces, mu_d_sq_in * step_sizes[n], coefficients[stage_counts[n]])
+            c_in = diffusion_step(c_in, faces, mu_d_sq_in * step_sizes[n], coefficients[stage_counts[n]])
         if start + count == steps:
             c_in = _logistic_step(c_in, torch.exp(-rho_in * (0.5 * step_sizes[-1])))
         # RKL2 is not positivity preserving for the stiffest modes; undershoots are O(1e-7) and are cut here.
