@@ -1,4 +1,4 @@
-"""Anatomical augmentation (issue 9): deformed tissue stays a tissue, is a function of its seed, and a known point
+"""Anatomical augmentation: deformed tissue stays a tissue, is a function of its seed, and a known point
 lands where the transform says."""
 import numpy as np
 
