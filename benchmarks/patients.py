@@ -123,6 +123,13 @@ def tissue_of_input(name: str, made):
     raise ValueError(name)
 
 
+def patient_input(cases: Cases, index: int, seed: int, name: str, healthy: Tissue, segmentation: np.ndarray):
+    """Patient `index`'s named input (patient_inputs.make_input) from its own random stream: the input every
+    benchmark that names this patient sees."""
+    rng = np.random.default_rng([seed, BRAIN_STREAM[cases.brain_kind], index, INPUT_STREAM, INPUTS.index(name)])
+    return make_input(name, healthy, segmentation, rng)
+
+
 def run_one(cases: Cases, index: int, seed: int, name: str, arm: str, caps: dict) -> dict:
     import torch
 
@@ -138,8 +145,7 @@ def run_one(cases: Cases, index: int, seed: int, name: str, arm: str, caps: dict
     if needs and not caps[needs]:
         return {**row, "status": "not available",
                 "message": f"personalize has no {needs!r} argument in this library"}
-    rng = np.random.default_rng([seed, BRAIN_STREAM[cases.brain_kind], index, INPUT_STREAM, INPUTS.index(name)])
-    made = make_input(name, healthy, segmentation, rng)
+    made = patient_input(cases, index, seed, name, healthy, segmentation)
     load_before = os.getloadavg()[0]
     try:
         if name == "t1":

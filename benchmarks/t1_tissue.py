@@ -26,8 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from inversion import Cases, observation_of, segmentation_of  # noqa: E402
-from patient_inputs import INPUTS, make_input  # noqa: E402
-from patients import BRAIN_STREAM, INPUT_STREAM  # noqa: E402
+from patients import patient_input  # noqa: E402
 
 import TumorPersonalizationLib.registration as registration  # noqa: E402
 from TumorPersonalizationLib.lesion import LESION_GROW_MM, lesion_mask  # noqa: E402
@@ -48,8 +47,7 @@ def run_one(brain: str, index: int, seed: int) -> dict:
     _, today, _, _ = cases.get(index)
     healthy = cases.tissue_of(index)
     segmentation = segmentation_of(today)
-    rng = np.random.default_rng([seed, BRAIN_STREAM[brain], index, INPUT_STREAM, INPUTS.index("t1")])
-    t1 = make_input("t1", healthy, segmentation, rng)
+    t1 = patient_input(cases, index, seed, "t1", healthy, segmentation)
     observation = observation_of(healthy, today, "segmentation")
     lesion = lesion_mask(observation.on_grid(t1.geometry).visible, t1.geometry, LESION_GROW_MM)
     started = time.perf_counter()
