@@ -89,18 +89,44 @@ def test_fd_polish_recovers_from_a_perturbed_start(atlas_case):
     assert result.source == "hybrid-fd"
 
 
-def test_cma_solver_recovers_on_a_small_grid():
-    """A 2-D-like slab of white matter with a grey-matter half, 2 mm voxels: cheap FD runs, the full CMA-ES loop."""
+def slab_problem(truth_mu_d_mm=3.0, truth_mu_rho=2.0, options=None):
+    """A 2-D-like slab of white matter with a grey-matter half, 2 mm voxels: cheap FD runs. Returns (problem,
+    truth)."""
     shape = (14, 16, 16)
     wm = np.ones(shape, np.float32)
     gm = np.zeros(shape, np.float32)
     wm[:, :, 9:], gm[:, :, 9:] = 0.3, 0.7
     tissue = make_tissue(wm, gm, spacing=(2.0, 2.0, 2.0))
-    truth = GrowthParameters(tuple(tissue.geometry.index_kji_to_ras((6.5, 7.0, 7.0))), 3.0, 2.0)
+    truth = GrowthParameters(tuple(tissue.geometry.index_kji_to_ras((6.5, 7.0, 7.0))), truth_mu_d_mm, truth_mu_rho)
     hidden = simulate(tissue, truth)
-    options = InversionOptions(cma_solver_budget=450, cma_tolfun=1e-10, seed_margin_mm=6.0)
     problem, _ = prepare_problem(tissue, Observation.from_volume(hidden), options=options, device="cpu",
                                  working_spacing_mm=None)
+    return problem, truth
+
+
+def test_floor_ladder_lifts_a_start_at_the_mu_d_floor_and_leaves_others_alone():
+    """A start at the search's floor of mu_D (0.5 mm, where the truth is six times larger) moves to the ladder's
+    rung of lowest FD loss, which the polish then takes to the truth; a start above the ladder's threshold is
+    returned as it is, without an FD run."""
+    from TumorPersonalizationLib.inversion import floor_ladder
+
+    problem, truth = slab_problem(options=InversionOptions(fd_iterations=8, fd_max_evaluations=12))
+    at_floor = Candidate(GrowthParameters(truth.seed_ras_mm, 0.5, 3.4), "gb-surrogate")
+    lifted = floor_ladder(problem, at_floor)
+    start_loss = problem.history[0]["loss"]
+    assert lifted.parameters.mu_d_mm >= 2.0 and lifted.fd_loss < 0.5 * start_loss
+    assert lifted.source == "gb-surrogate, floor ladder"
+    assert len(problem.history) == 1 + 9 and {h["stage"] for h in problem.history[1:]} == {"hybrid-fd: floor ladder"}
+    assert_recovered(fd_polish(problem, lifted).parameters, truth, relative=0.15, seed_mm=2.0)
+    above = Candidate(GrowthParameters(truth.seed_ras_mm, 1.2, 3.4), "gb-surrogate")
+    runs = len(problem.history)
+    assert floor_ladder(problem, above) is above and len(problem.history) == runs
+
+
+def test_cma_solver_recovers_on_a_small_grid():
+    """The slab (slab_problem): the full CMA-ES loop."""
+    options = InversionOptions(cma_solver_budget=450, cma_tolfun=1e-10, seed_margin_mm=6.0)
+    problem, truth = slab_problem(options=options)
     problem.space = problem.space.with_ranges((1.0, 8.0), (1.0, 4.0))  # a small box: a short, cheap search
     result = cma_solver(problem)
     assert_recovered(result.parameters, truth)

@@ -93,9 +93,10 @@ LEGACY_MODELS = {"direct": ("inverse32",), "gb-surrogate": ("inverse32", "surrog
 # mirrored input (InversionOptions.inverse_mirror_average). 3 for hybrid: a close call of the working grid's judge
 # is judged again on the tissue's grid (InversionOptions.tissue_judge_ratio; hybrid-fd's start is chosen as before).
 # 4 for hybrid: that judge's cap prices each run by the work its schedule will do (solver.schedule_run), not by the
-# clock.
+# clock. 3 for hybrid-fd: a start with mu_D near the search's floor is compared with a ladder of larger mu_D
+# (methods.floor_ladder) before the polish.
 METHOD_REVISIONS = {"cma-surrogate": 2, "cma-solver": 2, "direct": 2, "gb-surrogate": 2, "hybrid": 4,
-                    "hybrid-fd": 2}
+                    "hybrid-fd": 3}
 # Whether `personalize` held numpy's BLAS to one thread (pipeline.blas_single_threaded, with threadpoolctl): rows
 # from before it ran with OpenBLAS's threads competing with torch's, up to 1.8x slower on small cases
 # (benchmarks/results/timing_repeats.json); their answers are the same.

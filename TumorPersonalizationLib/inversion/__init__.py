@@ -15,7 +15,8 @@ Methods (the published comparison plus an FD-gradient polish):
   and never the ground truth). When the working grid's judge cannot tell them apart (losses within
   ``tissue_judge_ratio``), both are judged again on the tissue's own grid, and the winner's run is the final one.
 - ``hybrid-fd``: hybrid's winner refined by a few L-BFGS-B iterations with gradients through the differentiable FD
-  solver on the working grid, so the surrogate's error no longer limits the fit.
+  solver on the working grid, so the surrogate's error no longer limits the fit. A winner with mu_D near the
+  search's floor is first compared with a small ladder of larger mu_D and smaller mu_rho (``floor_ladder``).
 - ``cma-surrogate``: bounded CMA-ES (the ``cma`` package) on the surrogate, candidates evaluated in batches,
   gradients unused.
 - ``cma-solver``: the classical baseline, bounded CMA-ES around the FD solver, with an evaluation budget.
@@ -30,8 +31,8 @@ the ModelCache that builds them once per problem), ``problem`` (Problem, RunLog)
 CMA-ES drivers), ``methods`` (the six methods and run_method).
 """
 from ..constants import METHODS
-from .methods import (METHOD_FUNCTIONS, cma_solver, cma_surrogate, direct, fd_polish, gb_surrogate, hybrid, hybrid_fd,
-                      run_method)
+from .methods import (METHOD_FUNCTIONS, cma_solver, cma_surrogate, direct, fd_polish, floor_ladder, gb_surrogate,
+                      hybrid, hybrid_fd, run_method)
 from .models import FDModel, InverseNetwork, ModelCache, SurrogateModel
 from .options import MIN_MU_D_MM, MIN_MU_RHO, InversionOptions
 from .problem import GRIDS, STEP_FINAL, STEP_JUDGE, STEP_PROJECTED, STEP_SEARCH, STEPS, Problem, RunLog
@@ -40,4 +41,4 @@ from .space import Candidate, SearchSpace
 __all__ = ["GRIDS", "STEPS", "STEP_FINAL", "STEP_JUDGE", "STEP_PROJECTED", "STEP_SEARCH",
            "METHODS", "METHOD_FUNCTIONS", "MIN_MU_D_MM", "MIN_MU_RHO", "Candidate", "FDModel", "InverseNetwork",
            "InversionOptions", "ModelCache", "Problem", "RunLog", "SearchSpace", "SurrogateModel", "cma_solver",
-           "cma_surrogate", "direct", "fd_polish", "gb_surrogate", "hybrid", "hybrid_fd", "run_method"]
+           "cma_surrogate", "direct", "fd_polish", "floor_ladder", "gb_surrogate", "hybrid", "hybrid_fd", "run_method"]

@@ -1,6 +1,6 @@
 """The methods' tunable settings and the smallest growth parameters they search."""
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Tuple
 
 from ..constants import STANDARD_MARGIN_MM
 from ..registry import SHIPPED_MODELS
@@ -24,6 +24,12 @@ class InversionOptions:
     fd_iterations: int = 5  # hybrid-fd: L-BFGS-B iterations with FD gradients
     fd_max_evaluations: int = 8
     fd_trust_factor: float = 1.5  # hybrid-fd: mu_D and mu_rho stay within this factor of the polish's start
+    # hybrid-fd: a start with mu_D at most this (mm, twice MIN_MU_D_MM) is compared with the same seed at mu_D times
+    # each of floor_ladder_mu_d_factors and mu_rho times each of floor_ladder_mu_rho_factors, and the polish starts
+    # from the lowest FD loss (methods.floor_ladder). 0 turns it off.
+    floor_ladder_below_mm: float = 2 * MIN_MU_D_MM
+    floor_ladder_mu_d_factors: Tuple[float, ...] = (2.0, 4.0, 8.0)
+    floor_ladder_mu_rho_factors: Tuple[float, ...] = (1.0, 0.8, 0.6)
     # hybrid: a runner-up whose FD loss on the working grid is within this factor of the winner's is judged again,
     # with the winner, by FD runs on the tissue's own grid (the winner of that is the final run, so one run more,
     # not two). Why: the working grid's own discretisation error (larger for small tumors, and for segmentations,
