@@ -412,10 +412,11 @@ def report(seed: int):
             entry["close_calls_not_judged"] = int(sum(r.get("close_calls_not_judged", 0) > 0 for r in rows))
         entry["timed_with_blas_single_threaded"] = int(sum(bool(r.get("blas_single_threaded")) for r in rows))
         # Rows kept from an earlier run (tagged by the commit they ran on) when a change could not alter their
-        # answers: their timings are from that run's machine state, not comparable with this one's.
+        # answers: their timings are from that run's machine state, not comparable with this one's. (The rows'
+        # field that holds the commit keeps the name it was written with.)
         earlier = sorted({r["sitting"] for r in rows if r.get("sitting")})
         if earlier:
-            entry["earlier_sitting"] = {"commits": earlier, "rows": int(sum(bool(r.get("sitting")) for r in rows))}
+            entry["earlier_run"] = {"commits": earlier, "rows": int(sum(bool(r.get("sitting")) for r in rows))}
         for name in ("coverage_model", "coverage_standard", "coverage_blur", "coverage_truth"):
             values = np.array([r[name] for r in rows if not math.isnan(r[name])])
             entry[name] = {"mean": float(values.mean()), "standard_error": float(values.std(ddof=1) / math.sqrt(
@@ -440,7 +441,7 @@ def report(seed: int):
                                                                                          for a, _ in pairs])),
                     "ncc": float(np.mean([a["metrics"]["ncc"] for a, _ in pairs])),
                     "ncc_cma_solver": float(np.mean([b["metrics"]["ncc"] for _, b in pairs])),
-                    "same_sitting": same_run([row for pair in pairs for row in pair])}
+                    "same_run": same_run([row for pair in pairs for row in pair])}
     retimed = retimed_every_case(groups)
     if retimed:
         summary["retimed_every_case"] = retimed
@@ -521,9 +522,9 @@ def write_table(summary, path):
              "× 1 mm forward runs: max (cases > 4) | clean |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in summary["methods"].items():
-        if "earlier_sitting" in e:
-            name += (f" ({e['earlier_sitting']['rows']} of {e['samples']} rows from the earlier sitting at "
-                     f"{', '.join(e['earlier_sitting']['commits'])})")
+        if "earlier_run" in e:
+            name += (f" ({e['earlier_run']['rows']} of {e['samples']} rows from an earlier run at "
+                     f"{', '.join(e['earlier_run']['commits'])})")
         if e.get("timed_with_blas_single_threaded"):
             name += f" ({e['timed_with_blas_single_threaded']} of {e['samples']} timed with BLAS on one thread)"
         lines.append(f"| {name} | {e['samples']} | {_pm(e, 'mse', 1e3)} | {_pm(e, 'mae', 1e2)} | "
@@ -573,8 +574,8 @@ def write_table(summary, path):
                   "| method | cases | wall-time ratio (cma-solver / method) | NCC | NCC cma-solver |",
                   "|---|---|---|---|---|"]
         for name, v in versus:
-            if not v.get("same_sitting", True):
-                name += " (a pair from different sittings: timings not comparable)"
+            if not v.get("same_run", True):
+                name += " (a pair from different runs: timings not comparable)"
             lines.append(f"| {name} | {v['cases']} | {v['speed_up']:.0f}x | {v['ncc']:.4f} "
                          f"| {v['ncc_cma_solver']:.4f} |")
     path.write_text("\n".join(lines) + "\n")
