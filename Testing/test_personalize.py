@@ -89,15 +89,15 @@ def test_fd_polish_recovers_from_a_perturbed_start(atlas_case):
     assert result.source == "hybrid-fd"
 
 
-def slab_problem(truth_mu_d_mm=3.0, truth_mu_rho=2.0, options=None):
-    """A 2-D-like slab of white matter with a grey-matter half, 2 mm voxels: cheap FD runs. Returns (problem,
-    truth)."""
+def slab_problem(options=None):
+    """A 2-D-like slab of white matter with a grey-matter half, 2 mm voxels, and a tumor of mu_D 3 mm, mu_rho 2
+    grown on it: cheap FD runs. Returns (problem, truth)."""
     shape = (14, 16, 16)
     wm = np.ones(shape, np.float32)
     gm = np.zeros(shape, np.float32)
     wm[:, :, 9:], gm[:, :, 9:] = 0.3, 0.7
     tissue = make_tissue(wm, gm, spacing=(2.0, 2.0, 2.0))
-    truth = GrowthParameters(tuple(tissue.geometry.index_kji_to_ras((6.5, 7.0, 7.0))), truth_mu_d_mm, truth_mu_rho)
+    truth = GrowthParameters(tuple(tissue.geometry.index_kji_to_ras((6.5, 7.0, 7.0))), 3.0, 2.0)
     hidden = simulate(tissue, truth)
     problem, _ = prepare_problem(tissue, Observation.from_volume(hidden), options=options, device="cpu",
                                  working_spacing_mm=None)

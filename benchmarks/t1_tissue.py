@@ -33,6 +33,7 @@ from TumorPersonalizationLib.lesion import LESION_GROW_MM, lesion_mask  # noqa: 
 from TumorPersonalizationLib.metrics import dice  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "t1_tissue"
+DICE_KEYS = ("wm_dice", "gm_dice", "brain_dice")  # the keys of scores()
 
 
 def scores(tissue, healthy, outside):
@@ -67,9 +68,8 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ("wm_dice", "gm_dice", "brain_dice")
-    figure, axes = plt.subplots(1, len(keys), figsize=(11, 3.6), sharey=True)
-    for axis, key in zip(axes, keys):
+    figure, axes = plt.subplots(1, len(DICE_KEYS), figsize=(11, 3.6), sharey=True)
+    for axis, key in zip(axes, DICE_KEYS):
         for row in rows:
             color = "tab:blue" if row["brain"] == "shifted" else "tab:orange"
             axis.plot([0, 1], [row["warped_atlas"][key], row["classified"][key]], "-o", color=color, alpha=0.8)
@@ -101,9 +101,8 @@ def main():
     for brain in ("shifted", "nipype"):
         group = [r for r in rows if r["brain"] == brain]
         if group:
-            keys = ("wm_dice", "gm_dice", "brain_dice")
             summary[brain] = {f"{stage}_{key}_mean": float(np.mean([r[stage][key] for r in group]))
-                              for stage in ("warped_atlas", "classified") for key in keys}
+                              for stage in ("warped_atlas", "classified") for key in DICE_KEYS}
             summary[brain]["cases"] = len(group)
             summary[brain]["median_seconds"] = float(np.median([r["seconds"] for r in group]))
     OUT.parent.mkdir(parents=True, exist_ok=True)
